@@ -1,0 +1,1 @@
+"""Benchmarks: latency, rate-distortion, BD-rate, outliers, reports."""

@@ -1,0 +1,1 @@
+"""Entropy coding: the deterministic integer entropy model and the `.lic` bitstream container."""

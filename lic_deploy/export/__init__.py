@@ -1,0 +1,1 @@
+"""Export side: checkpoint -> ONNX stages (FP32, FP16, INT8 Q/DQ), calibration, integer entropy model."""

@@ -1,0 +1,129 @@
+"""Calibration sets: deterministic crops from an image folder, recorded as a manifest (never copied images).
+
+A manifest is JSON: `{"source": <folder or "skimage">, "seed", "size", "crops": [{"file", "sha256", "box":
+[top, left, height, width]}]}`. Replaying a manifest yields the same crops byte for byte, provided the files'
+sha256 still match (checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lic_deploy.errors import DataError
+from lic_deploy.runtime.images import list_images, load_rgb
+
+SKIMAGE = "skimage"
+# The colour photographs that ship inside scikit-image's wheel (no download needed).
+SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                  "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+
+
+@dataclass(frozen=True)
+class Crop:
+    file: str  # path relative to the manifest's source folder
+    sha256: str
+    box: tuple[int, int, int, int]  # top, left, height, width in pixels
+
+
+def skimage_folder() -> Path:
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent
+
+
+def _source_files(source: str) -> tuple[Path, list[Path]]:
+    if source == SKIMAGE:
+        root = skimage_folder()
+        return root, [root / name for name in SKIMAGE_PHOTOS if (root / name).is_file()]
+    root = Path(source)
+    return root, list_images(root)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: int = 256) -> list[Crop]:
+    """`count` crops of size x size pixels, files drawn without replacement while they last, positions uniform.
+
+    Images smaller than `size` are used whole, cropped down to a multiple of 64 pixels on each side; images
+    smaller than 64 pixels are skipped. Deterministic in (source contents, count, seed, size).
+    """
+    if count < 1:
+        raise DataError("calibration count must be at least 1")
+    root, files = _source_files(str(source))
+    rng = np.random.default_rng(seed)
+    order: list[Path] = []
+    while len(order) < count:
+        order.extend(files[i] for i in rng.permutation(len(files)))
+    crops = []
+    cache: dict[Path, tuple[int, int, str]] = {}
+    for path in order:
+        if len(crops) == count:
+            break
+        if path not in cache:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+            cache[path] = (h, w, _digest(path))
+        h, w, digest = cache[path]
+        ch, cw = min(size, h - h % 64), min(size, w - w % 64)
+        if ch < 64 or cw < 64:
+            continue
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crops.append(Crop(str(path.relative_to(root)), digest, (top, left, ch, cw)))
+    if not crops:
+        raise DataError(f"no image in {source} is at least 64x64 pixels")
+    return crops
+
+
+def load_crops(source: str | os.PathLike, crops: list[Crop]) -> list[np.ndarray]:
+    """The crops as float32 [3, h, w] arrays in [0, 1]; DataError if a file changed since the manifest."""
+    root, _ = _source_files(str(source)) if str(source) == SKIMAGE else (Path(source), None)
+    out = []
+    for crop in crops:
+        path = root / crop.file
+        if not path.is_file():
+            raise DataError(f"calibration file {path} is missing")
+        if _digest(path) != crop.sha256:
+            raise DataError(f"calibration file {path} changed since the manifest was written (sha256 differs)")
+        img, _ = load_rgb(path, warn=False)
+        top, left, h, w = crop.box
+        if top + h > img.shape[1] or left + w > img.shape[2]:
+            raise DataError(f"calibration crop {crop.box} lies outside {path}")
+        out.append(np.ascontiguousarray(img[:, top:top + h, left:left + w]))
+    return out
+
+
+def manifest(source: str | os.PathLike, crops: list[Crop], *, seed: int, size: int) -> dict[str, Any]:
+    src = SKIMAGE if str(source) == SKIMAGE else str(Path(source).resolve())
+    return {"source": src, "seed": seed, "size": size, "crops": [asdict(c) for c in crops]}
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[str, list[Crop], dict[str, Any]]:
+    """Source, crops and the raw manifest from a JSON file written by `manifest`."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        crops = [Crop(c["file"], c["sha256"], tuple(int(v) for v in c["box"])) for c in raw["crops"]]
+        return str(raw["source"]), crops, raw
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a calibration manifest ({exc})") from None
+
+
+def calibration_set(calib: str | os.PathLike | None, count: int, *, seed: int = 0,
+                    size: int = 256) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Crops and their manifest from a folder, a manifest file (`.json`), or scikit-image's photos (None)."""
+    if calib is not None and str(calib).endswith(".json"):
+        source, crops, raw = read_manifest(calib)
+        return load_crops(source, crops), raw
+    source = SKIMAGE if calib is None else calib
+    crops = select_crops(source, count, seed=seed, size=size)
+    return load_crops(source, crops), manifest(source, crops, seed=seed, size=size)

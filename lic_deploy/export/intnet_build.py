@@ -1,0 +1,177 @@
+"""Convert a float hyper-synthesis network (torch nn.Sequential) into an integer `IntNet`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from lic_deploy.entropy.intnet import MAX_SHIFT, IntLayer, IntNet
+
+WEIGHT_QMAX = 127  # symmetric int8 weights
+MULT_BITS = 23  # multipliers lie in [2**22, 2**23)
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+_Conv = nn.Conv2d | nn.ConvTranspose2d
+_Act = nn.ReLU | nn.LeakyReLU
+
+
+def build_intnet(
+    net: nn.Sequential,
+    calib_inputs: Sequence[torch.Tensor],
+    *,
+    in_frac_bits: int,
+    in_max: int,
+    act_bits: int,
+    out_frac_bits: np.ndarray,
+) -> IntNet:
+    """Quantize `net` (Conv2d / ConvTranspose2d, each optionally followed by ReLU / LeakyReLU).
+
+    Input of the integer net: x_int = round(x * 2**in_frac_bits) with |x_int| <= in_max. Weights: symmetric
+    int8 per output channel. Intermediate activations: per-tensor scale max|a| / (2**(act_bits-1) - 1), with
+    max|a| measured by running the float net on `calib_inputs` (each [1, C, H, W]), clipped to
+    +-(2**(act_bits-1) - 1). Output channel o of the last layer has scale 2**-out_frac_bits[o], clipped to
+    int32. ValueError for unsupported modules or when a scale ratio or bound cannot be represented.
+    """
+    if act_bits not in (8, 16):
+        raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    stages = _parse(net)
+    act_amax = _calibrate(stages, calib_inputs)
+    qmax = 2 ** (act_bits - 1) - 1
+    out_frac = np.asarray(out_frac_bits)
+    n_last = stages[-1][0].out_channels
+    if out_frac.shape != (n_last,) or not np.issubdtype(out_frac.dtype, np.integer):
+        raise ValueError(f"out_frac_bits must be an integer array of shape ({n_last},)")
+
+    s_in = 2.0**-in_frac_bits  # scale of the current layer's input (per-tensor)
+    layer_in_max = in_max
+    layers = []
+    for i, (conv, act) in enumerate(stages):
+        if i == len(stages) - 1:
+            s_out = np.exp2(-out_frac.astype(np.float64))
+            out_min, out_max = INT32_MIN, INT32_MAX
+        else:
+            s_out = np.full(conv.out_channels, (act_amax[i] if act_amax[i] > 0 else 1.0) / qmax)
+            out_min, out_max = -qmax, qmax
+        weight, s_w = _quantize_weight(conv)
+        bias = _quantize_bias(conv, s_in * s_w)
+        mult, shift = _multipliers(s_in * s_w / s_out)
+        layers.append(
+            IntLayer(
+                kind="conv" if isinstance(conv, nn.Conv2d) else "deconv",
+                weight=weight,
+                bias=bias,
+                stride=conv.stride[0],
+                padding=conv.padding[0],
+                output_padding=conv.output_padding[0] if isinstance(conv, nn.ConvTranspose2d) else 0,
+                mult=mult,
+                mult_neg=_mult_neg(mult, act),
+                shift=shift,
+                out_min=out_min,
+                out_max=out_max,
+                in_max=layer_in_max,
+            )
+        )
+        s_in, layer_in_max = float(s_out[0]), qmax
+    return IntNet(layers, in_max)
+
+
+def _parse(net: nn.Sequential) -> list[tuple[_Conv, _Act | None]]:
+    """Group the modules into (conv, optional activation) stages; ValueError for anything unsupported."""
+    stages: list[tuple[_Conv, _Act | None]] = []
+    for name, module in net.named_children():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            _check_conv(name, module)
+            stages.append((module, None))
+        elif isinstance(module, (nn.ReLU, nn.LeakyReLU)):
+            if not stages or stages[-1][1] is not None:
+                raise ValueError(f"module {name} ({module}): an activation must directly follow a conv")
+            stages[-1] = (stages[-1][0], module)
+        else:
+            raise ValueError(f"module {name} ({module}): unsupported (Conv2d/ConvTranspose2d/ReLU/LeakyReLU)")
+    if not stages:
+        raise ValueError("the network has no convolution")
+    return stages
+
+
+def _check_conv(name: str, conv: _Conv) -> None:
+    square = all(
+        isinstance(v, tuple) and len(v) == 2 and v[0] == v[1]
+        for v in (conv.stride, conv.padding, conv.dilation, getattr(conv, "output_padding", (0, 0)))
+    )
+    if not square or conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError(
+            f"module {name} ({conv}): need groups=1, dilation=1, zero padding and square stride/padding"
+        )
+
+
+@torch.no_grad()
+def _calibrate(stages: list[tuple[_Conv, _Act | None]], calib_inputs: Sequence[torch.Tensor]) -> list[float]:
+    """max|a| of each stage's output over the calibration inputs (float torch net)."""
+    if len(calib_inputs) == 0:
+        raise ValueError("calib_inputs is empty")
+    amax = [0.0] * len(stages)
+    for x in calib_inputs:
+        if x.ndim != 4:
+            raise ValueError(f"calibration inputs must be [1, C, H, W], got shape {tuple(x.shape)}")
+        a = x
+        for i, (conv, act) in enumerate(stages):
+            a = conv(a)
+            if act is not None:
+                a = act(a)
+            amax[i] = max(amax[i], float(a.abs().max()))
+    return amax
+
+
+def _quantize_weight(conv: _Conv) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weight (torch layout) and per-output-channel scale s_w = max|w_o| / 127 (1 for zero channels)."""
+    w = conv.weight.detach().cpu().double().numpy()
+    out_axis = 0 if isinstance(conv, nn.Conv2d) else 1
+    other = tuple(d for d in range(4) if d != out_axis)
+    amax = np.abs(w).max(axis=other)
+    s_w = np.where(amax > 0, amax / WEIGHT_QMAX, 1.0)
+    shape = [1, 1, 1, 1]
+    shape[out_axis] = -1
+    q = np.clip(np.rint(w / s_w.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    return q, s_w
+
+
+def _quantize_bias(conv: _Conv, s_acc: np.ndarray) -> np.ndarray:
+    """Bias in accumulator units, round(b / (s_in * s_w[o])), as int64."""
+    if conv.bias is None:
+        return np.zeros(len(s_acc), dtype=np.int64)
+    q = np.rint(conv.bias.detach().cpu().double().numpy() / s_acc)
+    if not np.isfinite(q).all() or np.abs(q).max() >= 2.0**53:
+        raise ValueError(f"bias of {conv} does not fit the accumulator (input scale too small)")
+    return q.astype(np.int64)
+
+
+def _multipliers(ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: shift and mult = round(ratio * 2**shift) in [2**22, 2**23); ratio 0 -> mult 0."""
+    mult = np.zeros(len(ratio), dtype=np.int64)
+    shift = np.full(len(ratio), MULT_BITS, dtype=np.int64)
+    for o, r in enumerate(ratio.tolist()):
+        if not math.isfinite(r) or r < 0:
+            raise ValueError(f"channel {o}: invalid scale ratio {r}")
+        if r == 0:
+            continue
+        frac, exp = math.frexp(r)  # r = frac * 2**exp, frac in [0.5, 1)
+        m, s = round(frac * 2**MULT_BITS), MULT_BITS - exp
+        if m == 2**MULT_BITS:  # rounding reached the top of the range
+            m, s = m // 2, s - 1
+        if not 1 <= s <= MAX_SHIFT:
+            raise ValueError(f"channel {o}: scale ratio {r:.3g} needs shift {s}, outside [1, {MAX_SHIFT}]")
+        mult[o], shift[o] = m, s
+    return mult, shift
+
+
+def _mult_neg(mult: np.ndarray, act: _Act | None) -> np.ndarray:
+    """Multiplier for negative accumulators: the activation folded into the requantization."""
+    if act is None:
+        return mult.copy()
+    if isinstance(act, nn.ReLU):
+        return np.zeros_like(mult)
+    return np.rint(mult * float(act.negative_slope)).astype(np.int64)

@@ -1,0 +1,187 @@
+"""`export`: checkpoint -> codec package, written to a temporary directory and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lic_deploy import __version__
+from lic_deploy.errors import LicError, PackageError
+from lic_deploy.export.calibration import calibration_set
+from lic_deploy.export.onnx_export import (
+    FP32_TOLERANCE,
+    deployable,
+    export_onnx,
+    rel_error,
+    sqnr_db,
+    torch_run,
+)
+from lic_deploy.export.quantize import INT8_VARIANTS, activation_ranges, convert_fp16, quantize_int8
+from lic_deploy.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_sha256, fingerprint
+
+STAGE_ORDER = ("g_a", "h_a", "h_s", "g_s")
+
+
+@dataclass
+class ExportOptions:
+    """What to export. `precisions` always includes fp32; `calib` is a folder, a manifest, or None (skimage)."""
+
+    precisions: Sequence[str] = ("fp32",)
+    calib: str | os.PathLike | None = None
+    calib_count: int = 16
+    calib_method: str = "minmax"
+    calib_seed: int = 0
+    calib_size: int = 256
+    entropy_act_bits: int = 16
+    overwrite: bool = False
+
+
+def _verification_image() -> np.ndarray:
+    """scikit-image's astronaut (512x512 RGB photo) as float32 [1, 3, 512, 512]."""
+    from lic_deploy.export.calibration import skimage_folder
+    from lic_deploy.runtime.images import load_rgb
+
+    img, _ = load_rgb(skimage_folder() / "astronaut.png", warn=False)
+    return img[None]
+
+
+def stage_inputs(spec: Any, image: np.ndarray) -> dict[str, np.ndarray]:
+    """The float input of every stage for one padded image [1, 3, H, W], by the torch reference path."""
+    import torch
+
+    model_pieces = {k: deployable(s.module) for k, s in spec.stages.items()}
+    y = torch_run(model_pieces["g_a"], image)
+    z = torch_run(model_pieces["h_a"], y)
+    med = spec.tables["z_median"].astype(np.float32).reshape(1, -1, 1, 1)
+    z_hat = np.round(z - med) + med
+    params = torch_run(model_pieces["h_s"], z_hat)
+    means = params[:, spec.y_channels:] if spec.has_means else 0.0
+    y_hat = (np.round(y - means) + means).astype(np.float32)
+    del torch
+    return {"g_a": image, "h_a": y, "h_s": z_hat.astype(np.float32), "g_s": y_hat}
+
+
+def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arch: str | None = None,
+                   options: ExportOptions | None = None,
+                   log: Callable[[str], None] = print) -> Path:
+    """Export `checkpoint` to the package directory `out` and return its path.
+
+    Raises PackageError if `out` exists (unless overwrite) and LicError subclasses for bad input; on any failure
+    nothing is left at `out`.
+    """
+    from lic_deploy.archs.checkpoint import load_model
+    from lic_deploy.archs.registry import get_adapter
+    from lic_deploy.export.entropy_build import build_entropy
+
+    opts = options or ExportOptions()
+    out = Path(out)
+    precisions = ["fp32", *[p for p in opts.precisions if p != "fp32"]]
+    if out.exists() and not opts.overwrite:
+        raise PackageError(f"{out} already exists; choose another -o or pass --force")
+    t0 = time.perf_counter()
+    loaded = load_model(checkpoint, arch)
+    spec = get_adapter(loaded.arch).spec(loaded.model)
+    log(f"loaded {loaded.arch} {loaded.config} from {checkpoint}")
+    crops, calib_manifest = calibration_set(opts.calib, opts.calib_count, seed=opts.calib_seed,
+                                            size=opts.calib_size)
+    calib_inputs = [stage_inputs(spec, c[None]) for c in crops]
+    verify = stage_inputs(spec, _verification_image())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        stages: dict[str, Any] = {}
+        for name in STAGE_ORDER:
+            stage = spec.stages[name]
+            module = deployable(stage.module)
+            fp32 = tmp / f"{name}.fp32.onnx"
+            export_onnx(module, spec.example_input(name), fp32)
+            x = verify[name]
+            ref = torch_run(module, x)
+            err = rel_error(ref, _ort_run(fp32, x))
+            log(f"  {name}: fp32 ONNX Runtime vs PyTorch relative error {err:.2e}")
+            if not err <= FP32_TOLERANCE:
+                raise PackageError(f"stage {name}: ONNX Runtime differs from PyTorch by {err:.2e} "
+                                   f"(tolerance {FP32_TOLERANCE:.0e}); the export is wrong")
+            files: dict[str, Any] = {"fp32": {"file": fp32.name, "rel_error": err}}
+            for precision in precisions[1:]:
+                path = tmp / f"{name}.{precision}.onnx"
+                if precision == "fp16":
+                    convert_fp16(fp32, path)
+                elif precision in INT8_VARIANTS:
+                    quantize_int8(fp32, path, [c[name] for c in calib_inputs],
+                                  method=opts.calib_method, variant=precision)
+                else:
+                    raise LicError(f"unknown precision {precision!r}")
+                sq = sqnr_db(ref, _ort_run(path, x))
+                files[precision] = {"file": path.name, "sqnr_db": sq}
+                log(f"  {name}: {precision} SQNR {sq:.1f} dB")
+            for entry in files.values():
+                entry["sha256"] = file_sha256(tmp / entry["file"])
+            stages[name] = {"in_channels": stage.in_channels, "out_channels": stage.out_channels,
+                            "stride": stage.stride, "files": files}
+
+        arrays, entropy_info = build_entropy(spec, [c["h_s"] for c in calib_inputs], act_bits=opts.entropy_act_bits)
+        np.savez(tmp / "entropy.npz", **arrays)
+        ranges = {name: activation_ranges(tmp / files["file"])
+                  for name, st in stages.items() for p, files in st["files"].items() if p == "int8"}
+        calib_doc = {**calib_manifest, "method": opts.calib_method, "activation_ranges": ranges}
+        (tmp / "calib.json").write_text(json.dumps(calib_doc, indent=1))
+        _save_weights(loaded, tmp / "model.safetensors")
+
+        manifest: dict[str, Any] = {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "lic_deploy_version": __version__,
+            "arch": loaded.arch, "config": loaded.config,
+            "source": {"checkpoint": Path(checkpoint).name, "sha256": loaded.sha256,
+                       "metadata": _jsonable(loaded.metadata)},
+            "geometry": {"pad_multiple": spec.pad_multiple, "y_channels": spec.y_channels,
+                         "y_stride": spec.y_stride, "z_channels": spec.z_channels, "z_stride": spec.z_stride,
+                         "has_means": spec.has_means},
+            "stages": stages,
+            "entropy": {"file": "entropy.npz", "sha256": file_sha256(tmp / "entropy.npz"), **entropy_info},
+            "calibration": {"file": "calib.json", "method": opts.calib_method, "count": len(crops),
+                            "source": calib_manifest["source"], "seed": calib_manifest.get("seed")},
+            "torch_weights": {"file": "model.safetensors", "sha256": file_sha256(tmp / "model.safetensors")},
+        }
+        manifest["fingerprint"] = fingerprint(manifest)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for path in [tmp, *tmp.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if out.exists():  # --force: replace only once the new package is complete
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out} (fingerprint {manifest['fingerprint'][:8]}, {manifest['export_seconds']} s)")
+    return out
+
+
+def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.astype(np.float32)})[0]
+
+
+def _save_weights(loaded: Any, path: Path) -> None:
+    """The torch weights (for the PyTorch reference engine), with arch and config in the metadata."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in loaded.model.state_dict().items()
+             if not k.endswith(("_quantized_cdf", "_offset", "_cdf_length"))}
+    save_file(state, str(path), metadata={"arch": json.dumps(loaded.arch), "config": json.dumps(loaded.config)})
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))

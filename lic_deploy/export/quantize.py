@@ -1,0 +1,97 @@
+"""FP32 ONNX -> INT8 (explicit Q/DQ) and FP16 graphs.
+
+INT8 is ONNX Runtime's static quantization in QDQ format: symmetric int8 weights per output channel (zero point
+0), symmetric int8 activations per tensor, QuantizeLinear/DequantizeLinear pairs around every convolution — the
+form TensorRT's strongly typed builds consume (TensorRT 11 has no implicit INT8). The `int8-u8s8` variant uses
+unsigned asymmetric activations, the fast form on x86 CPUs without VNNI; it is for ONNX Runtime only.
+The 1x1 convolutions inside GDN/IGDN normalisations (nodes under `/norm/`) act on x^2 and stay in float.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lic_deploy.export.onnx_export import INPUT
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+INT8_VARIANTS = ("int8", "int8-u8s8")
+
+
+class _Reader:
+    """ONNX Runtime CalibrationDataReader over a list of float32 [1, C, H, W] arrays."""
+
+    def __init__(self, inputs: Sequence[np.ndarray]) -> None:
+        self._it: Iterator[np.ndarray] = iter(inputs)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {INPUT: x.astype(np.float32)}
+
+
+def _skip_nodes(fp32_path: Path) -> list[str]:
+    import onnx
+
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    return [n.name for n in graph.node if "/norm/" in n.name]
+
+
+def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.ndarray], *,
+                  method: str = "minmax", variant: str = "int8") -> None:
+    """Write the Q/DQ INT8 graph of `fp32_path`, calibrated on `calib_inputs` (the stage's own inputs)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise ValueError(f"calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
+    unsigned = variant == "int8-u8s8"
+    # Q/DQ only where a convolution reads its input (TensorRT's recommended placement): conv outputs, and so
+    # the stage outputs (latents, image), stay float; biases stay float for the builder to fold.
+    extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": not unsigned,
+                             "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose"],
+                             "QuantizeBias": False}
+    if method == "percentile":
+        extra["CalibPercentile"] = 99.999
+    logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger each call
+    quantize_static(
+        str(fp32_path), str(out_path), _Reader(calib_inputs),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+        weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "ConvTranspose"],
+        nodes_to_exclude=_skip_nodes(fp32_path), calibrate_method=methods[method], extra_options=extra,
+    )
+
+
+def activation_ranges(int8_path: Path) -> dict[str, float]:
+    """Calibrated |range| per quantized activation tensor: scale * 127 (symmetric) read from the Q nodes."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(int8_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[1] in inits:
+            scale = numpy_helper.to_array(inits[node.input[1]])
+            zp = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros(1)
+            if scale.size == 1:
+                qmax = 255 - int(zp.reshape(-1)[0]) if zp.dtype == np.uint8 else 127
+                out[node.input[0]] = float(scale.reshape(-1)[0]) * qmax
+    return out
+
+
+def convert_fp16(fp32_path: Path, out_path: Path) -> None:
+    """Write an FP16 graph (FP16 weights and tensors; FP32 input/output with casts at the edges)."""
+    import onnx
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # it warns for every weight below FP16's range (flushed to +-1e-7)
+        warnings.simplefilter("ignore", UserWarning)
+        model = float16.convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(out_path))

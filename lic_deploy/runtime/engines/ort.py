@@ -1,0 +1,39 @@
+"""ONNX Runtime on CPU: the embedded default engine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lic_deploy.errors import LicError
+from lic_deploy.runtime.package import PRECISIONS, Package
+
+
+class OrtEngine:
+    """One InferenceSession per stage, created on first use. `threads` = intra-op threads (None: ORT default)."""
+
+    name = "ort"
+
+    def __init__(self, package: Package, precision: str = "fp32", *, threads: int | None = None) -> None:
+        if precision not in PRECISIONS:
+            raise LicError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        self.package = package
+        self.precision = precision
+        self.threads = threads
+        self._sessions: dict[str, object] = {}
+
+    def session(self, stage: str):
+        if stage not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+                opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            path = self.package.stage_path(stage, self.precision)
+            self._sessions[stage] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return self._sessions[stage]
+
+    def run(self, stage: str, x: np.ndarray) -> np.ndarray:
+        sess = self.session(stage)
+        return sess.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]

@@ -1,0 +1,121 @@
+"""Image files in and out, as float32 CHW arrays in [0, 1]. Torch-free (Pillow + numpy)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lic_deploy.errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DATA_ENV = "LIC_DEPLOY_DATA"  # folder holding kodak/ and train/ (for example ../shared/data)
+
+Image.MAX_IMAGE_PIXELS = 1 << 28  # Pillow's decompression-bomb guard, raised to 268 MP
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside `folder`, sorted by name. Raises DataError when there are none."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"image folder {path} does not exist or is not a folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+    return files
+
+
+def expand_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given plus the images inside any folder given; DataError for missing paths."""
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            out.extend(list_images(p))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return out
+
+
+def data_folder(name: str) -> Path | None:
+    """`$LIC_DEPLOY_DATA/<name>` when the variable is set and the folder exists, else None."""
+    root = os.environ.get(DATA_ENV)
+    if root and (Path(root) / name).is_dir():
+        return Path(root) / name
+    return None
+
+
+def load_rgb(path: str | os.PathLike, *, warn: bool = True) -> tuple[np.ndarray, bool]:
+    """Read an image as float32 [3, H, W] in [0, 1] and whether the source was greyscale.
+
+    Greyscale is replicated to three channels; RGBA drops alpha and 16-bit images are scaled to 8 bit, each with a
+    warning (the codec stores 8-bit RGB). Raises DataError for unreadable files.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
+                arr = np.asarray(im, dtype=np.float64)
+                top = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
+                if warn:
+                    warnings.warn(f"{path}: {mode} image reduced to 8 bit", stacklevel=2)
+                grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+                return _to_chw(np.repeat(grey[..., None], 3, axis=2)), True
+            if mode in ("L", "1"):
+                grey = np.asarray(im.convert("L"))
+                return _to_chw(np.repeat(grey[..., None], 3, axis=2)), True
+            if mode in ("RGBA", "LA", "PA") and warn:
+                warnings.warn(f"{path}: alpha channel dropped", stacklevel=2)
+            if mode not in ("RGB",) and mode not in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr") and warn:
+                warnings.warn(f"{path}: {mode} image converted to RGB", stacklevel=2)
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+    return _to_chw(rgb), False
+
+
+def _to_chw(rgb_u8: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rgb_u8.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+
+
+def to_uint8(chw: np.ndarray) -> np.ndarray:
+    """float [3, H, W] in [0, 1] -> uint8 [H, W, 3], rounding half to even after clipping."""
+    return np.clip(np.rint(chw.transpose(1, 2, 0) * 255.0), 0, 255).astype(np.uint8)
+
+
+def save_image(path: str | os.PathLike, hwc_u8: np.ndarray, *, grey: bool = False) -> None:
+    """Write uint8 [H, W, 3] atomically (temporary file, then rename). `grey` stores the first channel as L."""
+    path = Path(path)
+    img = Image.fromarray(hwc_u8[..., 0] if grey else hwc_u8, mode="L" if grey else "RGB")
+    tmp = path.with_name(f".{path.name}.tmp")
+    fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
+    try:
+        img.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def pad_to_multiple(chw: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
+    """Pad bottom/right by edge replication so H and W are multiples of `multiple` (pixels).
+
+    Returns the padded array and the rows and columns added.
+    """
+    _, h, w = chw.shape
+    pb, pr = (-h) % multiple, (-w) % multiple
+    if pb or pr:
+        chw = np.pad(chw, ((0, 0), (0, pb), (0, pr)), mode="edge")
+    return np.ascontiguousarray(chw), pb, pr
+
+
+def psnr(a_u8: np.ndarray, b_u8: np.ndarray) -> float:
+    """PSNR in dB between two uint8 images of equal shape (peak 255); inf when identical."""
+    mse = float(np.mean((a_u8.astype(np.float64) - b_u8.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)

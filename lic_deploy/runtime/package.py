@@ -1,0 +1,116 @@
+"""Codec packages: a directory with manifest.json, ONNX graphs per stage and precision, entropy.npz, calib.json.
+
+The manifest is the table of contents; every file it names carries a sha256 that is checked when the file is
+first used, so a corrupt or swapped file is reported instead of silently decoding garbage. The fingerprint
+(16 bytes) covers the architecture, geometry, entropy model and every graph: `.lic` streams carry it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lic_deploy.errors import PackageError
+
+SCHEMA = "lic-deploy/package"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8", "int8-u8s8")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """32 hex digits: sha256 over the canonical JSON of what decoding depends on."""
+    core = {
+        "arch": manifest["arch"], "config": manifest["config"], "geometry": manifest["geometry"],
+        "entropy": manifest["entropy"]["sha256"],
+        "stages": {s: {p: f["sha256"] for p, f in sorted(v["files"].items())}
+                   for s, v in sorted(manifest["stages"].items())},
+    }
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass
+class Package:
+    """An opened codec package. Cheap to open: files are read (and hash-checked) on first use."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Package:
+        root = Path(path)
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise PackageError(f"{root}: not a codec package (no {MANIFEST})")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{mpath}: unreadable manifest ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+            raise PackageError(f"{mpath}: not a lic-deploy package manifest")
+        if manifest.get("schema_version") != SCHEMA_VERSION:
+            raise PackageError(f"{root}: package schema {manifest.get('schema_version')} is not supported "
+                               f"(this build reads {SCHEMA_VERSION}); re-export it")
+        for key in ("arch", "config", "geometry", "stages", "entropy", "fingerprint"):
+            if key not in manifest:
+                raise PackageError(f"{mpath}: manifest lacks {key!r}")
+        return cls(root, manifest)
+
+    @property
+    def arch(self) -> str:
+        return str(self.manifest["arch"])
+
+    @property
+    def geometry(self) -> dict[str, Any]:
+        return self.manifest["geometry"]
+
+    @property
+    def fingerprint(self) -> bytes:
+        return bytes.fromhex(self.manifest["fingerprint"])
+
+    def precisions(self, stage: str) -> list[str]:
+        return list(self.manifest["stages"][stage]["files"])
+
+    def verified_path(self, entry: dict[str, Any]) -> Path:
+        """The file an entry names, after checking that it exists and its sha256 matches."""
+        path = self.root / entry["file"]
+        if not path.is_file():
+            raise PackageError(f"{self.root}: {entry['file']} is missing")
+        if file_sha256(path) != entry["sha256"]:
+            raise PackageError(f"{self.root}: {entry['file']} does not match its sha256 in the manifest")
+        return path
+
+    def stage_path(self, stage: str, precision: str) -> Path:
+        stages = self.manifest["stages"]
+        if stage not in stages:
+            raise PackageError(f"{self.root}: no stage {stage!r}")
+        files = stages[stage]["files"]
+        if precision not in files:
+            raise PackageError(f"{self.root}: stage {stage} has no {precision} graph (has {', '.join(files)}); "
+                               f"re-export with --{precision.split('-')[0]}")
+        return self.verified_path(files[precision])
+
+    @cached_property
+    def entropy(self) -> dict[str, np.ndarray]:
+        """The entropy model's arrays (CDF tables, integer networks, thresholds)."""
+        path = self.verified_path(self.manifest["entropy"])
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{path}: unreadable entropy model ({exc})") from None
