@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from lic_deploy import __version__
 from lic_deploy.errors import LicError
@@ -30,6 +32,93 @@ def _export(args: argparse.Namespace) -> int:
                          entropy_act_bits=args.entropy_bits, overwrite=args.force)
     export_package(args.checkpoint, args.output, arch=args.arch, options=opts)
     return 0
+
+
+def _progress(items: list, desc: str):
+    """A tqdm bar on stderr for more than one item, else the items as they are."""
+    if len(items) < 2:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", file=sys.stderr, leave=False)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _out_dir(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise LicError(f"-o {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from lic_deploy.bench.latency import format_table
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.images import expand_inputs, load_rgb, psnr, to_uint8
+
+    files = expand_inputs(args.images)
+    out = _out_dir(args.output)
+    codec = Codec(args.package, args.backend, args.precision, threads=args.threads, max_pixels=args.max_pixels)
+    rows = []
+    for path in _progress(files, "encode"):
+        image, grey = load_rgb(path)
+        data, y_hat = codec.encode_array(image, grey=grey)
+        target = out / f"{path.stem}.lic"
+        _write_atomic(target, data)
+        h, w = image.shape[1:]
+        row: list[object] = [path.name, len(data), 8.0 * len(data) / (h * w)]
+        if not args.no_psnr:
+            row.append(psnr(codec.reconstruct(y_hat, h, w), to_uint8(image)))
+        rows.append(row)
+    headers = ["image", "bytes", "bpp"] + ([] if args.no_psnr else ["PSNR dB"])
+    if len(rows) > 1:
+        rows.append(["mean", sum(r[1] for r in rows) / len(rows),
+                     *[sum(r[i] for r in rows) / len(rows) for i in range(2, len(headers))]])
+    print(format_table(headers, rows))
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    from lic_deploy.errors import BitstreamError
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.images import expand_inputs, save_image
+
+    files = expand_inputs(args.streams, (".lic",))
+    out = _out_dir(args.output)
+    codec = Codec(args.package, args.backend, args.precision, threads=args.threads, max_pixels=args.max_pixels)
+    for path in _progress(files, "decode"):
+        try:
+            decoded = codec.decode(path.read_bytes())
+        except BitstreamError as exc:
+            raise BitstreamError(f"{path}: {exc}") from None
+        img = decoded.image
+        target = out / f"{path.stem}.{args.format}"
+        save_image(target, img if img.ndim == 3 else img[..., None].repeat(3, axis=2), grey=img.ndim == 2)
+        print(f"{path.name} -> {target} ({img.shape[1]}x{img.shape[0]})")
+    return 0
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS
+    from lic_deploy.runtime.engines import BACKENDS
+    from lic_deploy.runtime.package import PRECISIONS
+
+    p.add_argument("package", help="codec package directory (from lic-deploy export)")
+    p.add_argument("--backend", choices=BACKENDS, default="ort",
+                   help="engine for the float transforms (default ort: ONNX Runtime on CPU)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="graph precision (default fp32)")
+    p.add_argument("--threads", type=_positive, help="CPU threads (default: the engine's own default)")
+    p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
+                   help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
 
 
 def _positive(text: str) -> int:
@@ -71,6 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation bits of the integer entropy network (default 16)")
     p.add_argument("--force", action="store_true", help="replace an existing package (only once complete)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("encode", help="images -> .lic bitstreams",
+                       description="Encode images (files or folders) to .lic streams in the output folder. "
+                       "Greyscale, RGBA and 16-bit images are converted to 8-bit RGB with a warning; greyscale "
+                       "sources decode back to greyscale. Prints bytes, bits per pixel and PSNR.")
+    _add_engine_args(p)
+    p.add_argument("images", nargs="+", help="image files or folders of images")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--no-psnr", action="store_true", help="skip the reconstruction used to report PSNR")
+    p.set_defaults(func=_encode)
+
+    p = sub.add_parser("decode", help=".lic bitstreams -> images",
+                       description="Decode .lic streams (files or folders) to images in the output folder. A "
+                       "stream made with another package is refused by its fingerprint.")
+    _add_engine_args(p)
+    p.add_argument("streams", nargs="+", help=".lic files or folders of them")
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--format", choices=("png", "bmp", "tif", "ppm"), default="png", help="image format (png)")
+    p.set_defaults(func=_decode)
     return parser
 
 

@@ -54,3 +54,51 @@ def test_console_script_help_is_fast_and_light() -> None:
             "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "export" in out and "HEAVY []" in out
+
+
+def test_encode_decode_folders(package_mbt: Path, image_dir: Path, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _ = _run(["encode", str(package_mbt), str(image_dir), "-o", str(tmp_path / "lic")], capsys)
+    assert code == 0
+    streams = sorted((tmp_path / "lic").glob("*.lic"))
+    assert [p.stem for p in streams] == ["img0", "img1"]
+    assert main(["encode", str(package_mbt), str(image_dir / "img0.png"), "-o", str(tmp_path / "one")]) == 0
+    table = capsys.readouterr().out
+    assert "bpp" in table and "PSNR" in table and "img0.png" in table
+    assert main(["decode", str(package_mbt), str(tmp_path / "lic"), "-o", str(tmp_path / "png")]) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "png" / "img1.png") as im:
+        assert im.size == (90, 70)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.lic").write_bytes(b"LICD" + bytes(60))
+    code, err = _run(["decode", str(package_mbt), str(tmp_path / "bad"), "-o", str(tmp_path / "png")], capsys)
+    _one_line_error(code, err, "x.lic")
+    code, err = _run(["decode", str(tmp_path), str(streams[0]), "-o", str(tmp_path / "png")], capsys)
+    _one_line_error(code, err, "not a codec package")
+    code, err = _run(["encode", str(package_mbt), str(tmp_path / "nothing.png"), "-o", str(tmp_path)], capsys)
+    _one_line_error(code, err, "no such file")
+
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('torch', 'torchvision', 'compressai', 'onnx', 'skimage'):
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from lic_deploy.cli import main
+pkg, img, out = sys.argv[1:4]
+assert main(['encode', pkg, img, '-o', out + '/lic']) == 0
+assert main(['decode', pkg, out + '/lic', '-o', out + '/png']) == 0
+print('OK', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'compressai', 'onnx')))
+"""
+
+
+def test_runtime_path_never_imports_torch(package_mbt: Path, image_dir: Path, tmp_path: Path) -> None:
+    """encode/decode with --backend ort work with torch, CompressAI and onnx made unimportable."""
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, str(package_mbt), str(image_dir), str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "OK []" in proc.stdout
+    assert len(list((tmp_path / "png").glob("*.png"))) == 2

@@ -117,7 +117,7 @@ def _calibrate(stages: list[tuple[_Conv, _Act | None]], calib_inputs: Sequence[t
     for x in calib_inputs:
         if x.ndim != 4:
             raise ValueError(f"calibration inputs must be [1, C, H, W], got shape {tuple(x.shape)}")
-        a = x
+        a = x.to(stages[0][0].weight)  # the float net's dtype and device
         for i, (conv, act) in enumerate(stages):
             a = conv(a)
             if act is not None:

@@ -29,13 +29,16 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
-def expand_inputs(items: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given plus the images inside any folder given; DataError for missing paths."""
+def expand_inputs(items: Iterable[str | os.PathLike], suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """Files as given plus the files with `suffixes` inside any folder given; DataError for missing paths."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out.extend(list_images(p))
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes)
+            if not found:
+                raise DataError(f"no {', '.join(suffixes)} files in {p}")
+            out.extend(found)
         elif p.is_file():
             out.append(p)
         else:
