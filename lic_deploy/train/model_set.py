@@ -1,0 +1,99 @@
+"""The shipped model set: mbt2018-mean at four lambdas, Adam and SOAP with equal step budgets and seed, plus an
+"Adam, equal quality" model trained on until it reaches the SOAP model's validation loss.
+
+Runs round-robin in chunks so that every model advances together, and resumes from the run folder after an
+interruption (the run folder holds full training checkpoints with optimizer state; `models/` receives only the
+final weights, as FP16 safetensors, and a model card each).
+
+    python -m lic_deploy.train.model_set --data ../shared/data/train --val ../shared/data/kodak
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from lic_deploy.train.loop import TrainConfig, train
+
+LAMBDAS = (0.0035, 0.0067, 0.013, 0.025)
+OPTIMIZERS = ("adam", "soap")
+EQUAL_QUALITY_LAMBDA = 0.013
+
+
+def run_name(optimizer: str, lmbda: float, suffix: str = "") -> str:
+    return f"mbt-{optimizer}{suffix}-{lmbda}"
+
+
+def last_row(log: Path, key: str) -> dict | None:
+    """The last JSONL row of `log` that has `key`."""
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if key in r]
+    return rows[-1] if rows else None
+
+
+def _config(args: argparse.Namespace, runs: Path, name: str, optimizer: str, lmbda: float, steps: int) -> TrainConfig:
+    ckpt = runs / f"{name}.pt"
+    return TrainConfig(data=args.data, val=args.val, output=str(ckpt), optimizer=optimizer, lmbda=lmbda,
+                       N=args.N, M=args.M, steps=steps, batch=args.batch, patch=args.patch, seed=args.seed,
+                       resume=str(ckpt) if ckpt.is_file() else None, threads=args.threads,
+                       val_count=args.val_count, val_every=args.chunk // 2, ckpt_every=args.chunk // 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--val", required=True)
+    parser.add_argument("--runs", default=os.environ.get("LIC_DEPLOY_RUNS", "../lic-runs"))
+    parser.add_argument("--models", default="models")
+    parser.add_argument("--N", type=int, default=64)
+    parser.add_argument("--M", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--chunk", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--val-count", type=int, default=6)
+    parser.add_argument("--max-equal-steps", type=int, default=8000)
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+
+    for target in range(args.chunk, args.steps + args.chunk, args.chunk):
+        target = min(target, args.steps)
+        for optimizer in OPTIMIZERS:
+            for lmbda in LAMBDAS:
+                train(_config(args, runs, run_name(optimizer, lmbda), optimizer, lmbda, target))
+
+    # Adam, equal quality: continue the Adam run until its validation loss reaches SOAP's final one.
+    goal = last_row(runs / f"{run_name('soap', EQUAL_QUALITY_LAMBDA)}.pt.jsonl", "val_loss")
+    name = run_name("adam", EQUAL_QUALITY_LAMBDA, "-eq")
+    eq_ckpt = runs / f"{name}.pt"
+    if not eq_ckpt.is_file():
+        import shutil
+
+        src = runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA)}.pt"
+        shutil.copyfile(src, eq_ckpt)
+        shutil.copyfile(src.with_suffix(".pt.jsonl"), eq_ckpt.with_suffix(".pt.jsonl"))
+    steps = args.steps
+    while goal is not None:
+        row = last_row(eq_ckpt.with_suffix(".pt.jsonl"), "val_loss")
+        if row and (row["val_loss"] <= goal["val_loss"] or row["step"] >= args.max_equal_steps):
+            break
+        steps = (row["step"] if row else steps) + args.chunk
+        train(_config(args, runs, name, "adam", EQUAL_QUALITY_LAMBDA, steps))
+
+    from lic_deploy.train.cards import publish
+
+    for optimizer in OPTIMIZERS:
+        for lmbda in LAMBDAS:
+            publish(runs / f"{run_name(optimizer, lmbda)}.pt", Path(args.models), kodak=args.val)
+    publish(eq_ckpt, Path(args.models), kodak=args.val)
+
+
+if __name__ == "__main__":
+    main()
