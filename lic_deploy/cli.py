@@ -107,6 +107,20 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from lic_deploy.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(data=args.data, output=args.output, arch=args.arch, N=args.N, M=args.M,
+                      optimizer=args.optimizer, lmbda=args.lmbda, val=args.val, val_count=args.val_count,
+                      steps=args.steps, batch=args.batch, patch=args.patch, downscale=args.downscale or None,
+                      lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
+                      val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
+                      resume=args.resume, threads=args.threads)
+    path = train(cfg)
+    print(f"wrote {path} and {path}.jsonl")
+    return 0
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS
     from lic_deploy.runtime.engines import BACKENDS
@@ -160,6 +174,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation bits of the integer entropy network (default 16)")
     p.add_argument("--force", action="store_true", help="replace an existing package (only once complete)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("train", help="train a codec with SOAP or Adam",
+                       description="Rate-distortion training (loss = lmbda * 255^2 * MSE + bpp) on random crops of "
+                       "an image folder, logging loss, bpp, PSNR and the SOAP study's intra-/inter-step alignment "
+                       "to OUTPUT.jsonl; checkpoints include optimizer state and resume bit-exactly.")
+    p.add_argument("--data", required=True, help="training image folder")
+    p.add_argument("-o", "--output", required=True, help="checkpoint path to write")
+    p.add_argument("--arch", choices=sorted(REGISTRY), default="mbt2018-mean")
+    p.add_argument("--N", type=_positive, default=64, help="channels of the hyper-latent / transforms (64)")
+    p.add_argument("--M", type=_positive, default=96, help="channels of the latent y (96)")
+    p.add_argument("--optimizer", choices=("soap", "adam"), default="soap")
+    p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (0.013)")
+    p.add_argument("--val", help="validation image folder (for example Kodak)")
+    p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
+    p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
+    p.add_argument("--batch", type=_positive, default=8)
+    p.add_argument("--patch", type=_positive, default=128, help="crop side, a multiple of 64 (128)")
+    p.add_argument("--downscale", type=int, default=256,
+                   help="first resize each image so its shorter side is this many pixels; 0 = off (256)")
+    p.add_argument("--lr", type=float, help="learning rate (default: adam 1e-4, soap 3e-3)")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (100)")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 = off (1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=_positive, default=50)
+    p.add_argument("--val-every", type=_positive, default=250)
+    p.add_argument("--ckpt-every", type=_positive, default=250)
+    p.add_argument("--align-every", type=_positive, default=50, help="alignment metrics every K steps (50)")
+    p.add_argument("--resume", help="checkpoint to continue from (same optimizer and architecture)")
+    p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("encode", help="images -> .lic bitstreams",
                        description="Encode images (files or folders) to .lic streams in the output folder. "

@@ -1,0 +1,180 @@
+"""Training: SOAP's equations, the preconditioned alignment metrics, bit-exact resume, a short real run, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lic_deploy.cli import main
+from lic_deploy.train.alignment import alignment, flatten
+from lic_deploy.train.optim import build_optimizer, precondition
+from tests.conftest import write_images
+
+
+def _reference_soap(w0: torch.Tensor, grads: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float,
+                    freq: int) -> torch.Tensor:
+    """SOAP written from its equations (Vyas et al. 2024, with pytorch-optimizer 4.1's parameter-space momentum):
+    one Kronecker factor per dimension, eigenbasis by eigh at step 1 and by one power iteration + QR every `freq`
+    steps, Adam's second moment in the eigenbasis, bias-corrected step size."""
+    w = w0.clone().double()
+    dims = range(w.dim())
+    gg = [torch.zeros(n, n, dtype=torch.float64) for n in w.shape]
+    q: list[torch.Tensor] = []
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+
+    def rotate(t: torch.Tensor, back: bool = False) -> torch.Tensor:
+        for mat in q:  # contracting dim 0 each time cycles the dimensions back into place
+            t = torch.tensordot(t, mat, dims=[[0], [1 if back else 0]])
+        return t
+
+    def accumulate(g: torch.Tensor) -> None:
+        for i in dims:
+            other = [d for d in dims if d != i]
+            gg[i].lerp_(torch.tensordot(g, g, dims=[other, other]), 1 - b2)
+
+    for step, g in enumerate(grads, start=1):
+        g = g.double()
+        if step == 1:
+            accumulate(g)
+            q = [torch.flip(torch.linalg.eigh(a + 1e-30 * torch.eye(a.shape[0], dtype=a.dtype))[1], [1])
+                 for a in gg]
+            continue
+        t = step - 1
+        m.lerp_(g, 1 - b1)
+        v.lerp_(rotate(g) ** 2, 1 - b2)
+        size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        w -= size * rotate(rotate(m) / (v.sqrt() + eps), back=True)
+        accumulate(g)
+        if t % freq == 0:
+            for i in dims:
+                prod = gg[i] @ q[i]
+                order = torch.argsort((q[i] * prod).sum(0), descending=True)
+                v = v.index_select(i, order)
+                q[i] = torch.linalg.qr(prod.index_select(1, order).float())[0].double()
+    return w
+
+
+def test_soap_matches_its_equations_on_fixed_gradients() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3))
+    grads = [torch.randn(6, 4, 3, 3) for _ in range(25)]
+    opt, hp = build_optimizer("soap", [w], lr=1e-2)
+    assert hp["merge_dims"] is False and hp["precondition_frequency"] == 10
+    w0 = w.detach().clone()
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    ref = _reference_soap(w0, grads, 1e-2, *hp["betas"], hp["eps"], hp["precondition_frequency"])
+    assert torch.allclose(w.detach().double(), ref, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(w.detach(), w0)
+
+
+@pytest.mark.parametrize("name", ["soap", "adam"])
+def test_optimizers_decrease_a_loss(name: str) -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3,
+                                                                                                   padding=1))
+    x = torch.randn(4, 3, 8, 8)
+    target = torch.roll(x, 1, dims=2)
+    opt, _ = build_optimizer(name, list(net.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = torch.mean((net(x) - target) ** 2)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_preconditioners() -> None:
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5, 4))
+    for name in ("adam", "soap"):
+        opt, hp = build_optimizer(name, [w], lr=1e-3)
+        assert precondition(opt, [w], [torch.ones(5, 4)]) is None  # no state yet
+        for _ in range(3):
+            w.grad = torch.randn(5, 4)
+            opt.step()
+        g = torch.randn(5, 4)
+        (u,) = precondition(opt, [w], [g])
+        state = opt.state[w]
+        if name == "adam":
+            v_hat = state["exp_avg_sq"] / (1 - hp["betas"][1] ** float(state["step"]))
+            assert torch.allclose(u, g / (v_hat.sqrt() + hp["eps"]))
+        else:
+            q0, q1 = state["Q"]
+            expect = q0 @ ((q0.T @ g @ q1) / (state["exp_avg_sq"].sqrt() + hp["eps"])) @ q1.T
+            assert torch.allclose(u, expect, atol=1e-5)
+            assert not torch.allclose(u / u.norm(), g / g.norm(), atol=1e-2)  # really a different direction
+
+
+def test_alignment_formula() -> None:
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert alignment([a, b]) == pytest.approx(1 / math.sqrt(2))
+    assert alignment([a, 3 * a]) == pytest.approx(1.0)
+    assert alignment([a, -a]) == pytest.approx(-1.0)
+    c = torch.tensor([0.0, 1.0])
+    assert alignment([a, c, -a]) == pytest.approx(2 * (1 / 9) - 1)
+    assert math.isnan(alignment([a, torch.zeros(2)]))
+    assert flatten([torch.ones(2, 2), torch.zeros(3)]).shape == (7,)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("train")
+    write_images(folder, [(80, 96), (96, 80), (72, 120)], seed=3)
+    return folder
+
+
+def _args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "-o", str(out), "--N", "8", "--M", "16", "--batch", "1", "--patch",
+            "64", "--downscale", "0", "--log-every", "5", "--align-every", "5", "--ckpt-every", "5",
+            "--val-every", "10", "--warmup", "2", "--threads", "2", *extra]
+
+
+def test_short_run_and_bit_exact_resume(tiny_data: Path, tmp_path: Path) -> None:
+    from lic_deploy.archs.checkpoint import load_model, read_checkpoint
+
+    for opt in ("soap", "adam"):
+        a, b = tmp_path / f"a-{opt}.pt", tmp_path / f"b-{opt}.pt"
+        assert main(_args(tiny_data, a, "--optimizer", opt, "--steps", "10", "--val", str(tiny_data))) == 0
+        assert main(_args(tiny_data, b, "--optimizer", opt, "--steps", "6", "--val", str(tiny_data))) == 0
+        assert main(_args(tiny_data, b, "--optimizer", opt, "--steps", "10", "--val", str(tiny_data),
+                          "--resume", str(b))) == 0
+        sa, meta = read_checkpoint(a)
+        sb, _ = read_checkpoint(b)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), opt
+        assert meta["steps"] == 10 and meta["optimizer"] == opt and meta["lmbda"] == 0.013
+        assert meta["hyperparameters"]["lr"] == (3e-3 if opt == "soap" else 1e-4) and len(meta["data_hash"]) == 64
+        loaded = load_model(a)
+        assert loaded.arch == "mbt2018-mean" and loaded.config == {"N": 8, "M": 16}
+        rows = [json.loads(x) for x in Path(f"{a}.jsonl").read_text().splitlines()]
+        assert {"intra_alignment", "inter_alignment", "raw_intra_alignment"} <= set(rows[-1])
+        assert all(-1 <= rows[-1][k] <= 1 for k in ("intra_alignment", "inter_alignment"))
+        assert {"train_loss", "train_bpp", "val_loss", "val_bpp", "val_psnr", "seconds"} <= set(rows[-1])
+        assert rows[-1]["step"] == 10
+
+
+def test_bad_arguments(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (_args(tmp_path / "missing", tmp_path / "x.pt"), "does not exist"),
+        (_args(tmp_path / "empty", tmp_path / "x.pt"), "no images"),
+        (_args(tiny_data, tmp_path / "x.pt", "--patch", "128"), "at least 128x128"),
+        (_args(tiny_data, tmp_path / "x.pt", "--patch", "100"), "multiple of 64"),
+        (_args(tiny_data, tmp_path / "x.pt", "--optimizer", "sgd"), "invalid choice"),
+    ]
+    for args, needle in cases:
+        try:
+            code = main(args)
+        except SystemExit as exc:
+            code = int(exc.code)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and needle in err[-1], (needle, err)
+    assert not (tmp_path / "x.pt").exists()
