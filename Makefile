@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
 
-.PHONY: demo test lint bench-export bench-codec clean
+.PHONY: demo test lint bench-export bench-codec bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: $(STAMP)
 
 bench-export: $(STAMP)
 	$(PY) -m lic_deploy.bench.export_bench --out $(OUT)/bench-export
+
+# The integer entropy model and the codec against CompressAI's float path, on the shipped Adam models.
+bench-codec: $(STAMP)
+	$(PY) -m lic_deploy.bench.codec_bench models/mbt-adam-0.0035.safetensors models/mbt-adam-0.0067.safetensors \
+		models/mbt-adam-0.013.safetensors models/mbt-adam-0.025.safetensors --data $(DATA)/kodak --out $(OUT)/bench-codec
+
+# Install size and start-up time of the runtime layer alone, in a fresh venv.
+bench-runtime: $(STAMP)
+	$(PY) -m lic_deploy.bench.footprint $(OUT)/bench-export/package --out $(OUT)/bench-runtime
 
 clean:
 	rm -rf $(OUT) .pytest_cache .ruff_cache
