@@ -107,6 +107,21 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calib(args: argparse.Namespace) -> int:
+    import json
+
+    from lic_deploy.export.calibration import manifest, select_crops
+
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise LicError(f"{out} already exists; pass --force to replace it")
+    crops = select_crops(args.folder, args.count, seed=args.seed, size=args.size)
+    _write_atomic(out, (json.dumps(manifest(args.folder, crops, seed=args.seed, size=args.size), indent=1)
+                        + "\n").encode())
+    print(f"wrote {out}: {len(crops)} crops from {len({c.file for c in crops})} files")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from lic_deploy.train.loop import TrainConfig, train
 
@@ -174,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="activation bits of the integer entropy network (default 16)")
     p.add_argument("--force", action="store_true", help="replace an existing package (only once complete)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("calib", help="write a calibration manifest (which files, which crops)",
+                       description="Choose calibration crops from an image folder and record them (file names, "
+                       "sha256, boxes) in a JSON manifest that `export --calib` replays exactly. A folder under "
+                       "$LIC_DEPLOY_DATA is recorded as data:<sub>, so the manifest works on any machine.")
+    p.add_argument("folder", help="image folder, 'skimage', or data:<sub> (under $LIC_DEPLOY_DATA)")
+    p.add_argument("-o", "--output", required=True, help="manifest .json to write")
+    p.add_argument("--count", type=_positive, default=64, help="number of crops (64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=_positive, default=256, help="crop side in pixels (256)")
+    p.add_argument("--force", action="store_true", help="replace an existing manifest")
+    p.set_defaults(func=_calib)
 
     p = sub.add_parser("train", help="train a codec with SOAP or Adam",
                        description="Rate-distortion training (loss = lmbda * 255^2 * MSE + bpp) on random crops of "

@@ -57,3 +57,32 @@ def test_default_is_skimage_photos() -> None:
     crops, manifest = calibration_set(None, 3, size=128)
     assert manifest["source"] == "skimage" and len(crops) == 3
     assert all(c.shape == (3, 128, 128) and c.dtype == np.float32 for c in crops)
+
+
+def test_sources_under_the_data_root_are_portable(image_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A manifest made from a folder under $LIC_DEPLOY_DATA replays wherever that root is moved."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(image_dir, root / "imgs")
+    monkeypatch.setenv("LIC_DEPLOY_DATA", str(root))
+    crops, manifest = calibration_set(root / "imgs", 2, size=64)
+    assert manifest["source"] == "data:imgs"
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    moved = tmp_path / "elsewhere"
+    shutil.move(root, moved)
+    monkeypatch.setenv("LIC_DEPLOY_DATA", str(moved))
+    replay, _ = calibration_set(str(tmp_path / "m.json"), 2)
+    assert all(np.array_equal(a, b) for a, b in zip(crops, replay, strict=True))
+    monkeypatch.delenv("LIC_DEPLOY_DATA")
+    with pytest.raises(DataError, match="LIC_DEPLOY_DATA"):
+        calibration_set(str(tmp_path / "m.json"), 2)
+
+
+def test_shipped_manifest_is_valid() -> None:
+    from lic_deploy.export.calibration import read_manifest
+
+    source, crops, raw = read_manifest(Path(__file__).resolve().parents[1] / "calib" / "train-64.json")
+    assert source == "data:train" and len(crops) == 64 and raw["size"] == 256
+    assert all(len(c.sha256) == 64 and c.box[2] == c.box[3] == 256 for c in crops)

@@ -1,8 +1,9 @@
 """Calibration sets: deterministic crops from an image folder, recorded as a manifest (never copied images).
 
-A manifest is JSON: `{"source": <folder or "skimage">, "seed", "size", "crops": [{"file", "sha256", "box":
-[top, left, height, width]}]}`. Replaying a manifest yields the same crops byte for byte, provided the files'
-sha256 still match (checked).
+A manifest is JSON: `{"source", "seed", "size", "crops": [{"file", "sha256", "box": [top, left, height, width]}]}`.
+`source` is "skimage" (the photos inside scikit-image), "data:<sub>" (a folder under $LIC_DEPLOY_DATA, so a
+manifest works on every machine that has the data set wherever it lives), or an absolute folder path.
+Replaying a manifest yields the same crops byte for byte, provided the files' sha256 still match (checked).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from lic_deploy.errors import DataError
-from lic_deploy.runtime.images import list_images, load_rgb
+from lic_deploy.runtime.images import DATA_ENV, list_images, load_rgb
 
 SKIMAGE = "skimage"
+DATA_PREFIX = "data:"
 # The colour photographs that ship inside scikit-image's wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "retina.jpg", "rocket.jpg")
@@ -38,11 +40,33 @@ def skimage_folder() -> Path:
     return Path(skimage.data.__file__).parent
 
 
-def _source_files(source: str) -> tuple[Path, list[Path]]:
+def resolve_source(source: str) -> Path:
+    """The folder a manifest source names."""
     if source == SKIMAGE:
-        root = skimage_folder()
+        return skimage_folder()
+    if source.startswith(DATA_PREFIX):
+        root = os.environ.get(DATA_ENV)
+        if not root:
+            raise DataError(f"calibration source {source} needs ${DATA_ENV} (the folder holding the data sets)")
+        return Path(root) / source[len(DATA_PREFIX):]
+    return Path(source)
+
+
+def portable_source(folder: str | os.PathLike) -> str:
+    """"data:<sub>" when `folder` lies under $LIC_DEPLOY_DATA, else its absolute path."""
+    if str(folder) == SKIMAGE or str(folder).startswith(DATA_PREFIX):
+        return str(folder)
+    path = Path(folder).resolve()
+    root = os.environ.get(DATA_ENV)
+    if root and path.is_relative_to(Path(root).resolve()):
+        return DATA_PREFIX + path.relative_to(Path(root).resolve()).as_posix()
+    return str(path)
+
+
+def _source_files(source: str) -> tuple[Path, list[Path]]:
+    root = resolve_source(source)
+    if source == SKIMAGE:
         return root, [root / name for name in SKIMAGE_PHOTOS if (root / name).is_file()]
-    root = Path(source)
     return root, list_images(root)
 
 
@@ -87,7 +111,7 @@ def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: 
 
 def load_crops(source: str | os.PathLike, crops: list[Crop]) -> list[np.ndarray]:
     """The crops as float32 [3, h, w] arrays in [0, 1]; DataError if a file changed since the manifest."""
-    root, _ = _source_files(str(source)) if str(source) == SKIMAGE else (Path(source), None)
+    root = resolve_source(str(source))
     out = []
     for crop in crops:
         path = root / crop.file
@@ -104,8 +128,7 @@ def load_crops(source: str | os.PathLike, crops: list[Crop]) -> list[np.ndarray]
 
 
 def manifest(source: str | os.PathLike, crops: list[Crop], *, seed: int, size: int) -> dict[str, Any]:
-    src = SKIMAGE if str(source) == SKIMAGE else str(Path(source).resolve())
-    return {"source": src, "seed": seed, "size": size, "crops": [asdict(c) for c in crops]}
+    return {"source": portable_source(source), "seed": seed, "size": size, "crops": [asdict(c) for c in crops]}
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[str, list[Crop], dict[str, Any]]:
