@@ -67,7 +67,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.images)
     out = _out_dir(args.output)
-    codec = Codec(args.package, args.backend, args.precision, threads=args.threads, max_pixels=args.max_pixels)
+    codec = Codec(args.package, engine=_engine(args), max_pixels=args.max_pixels)
     rows = []
     for path in _progress(files, "encode"):
         image, grey = load_rgb(path)
@@ -94,7 +94,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.streams, (".lic",))
     out = _out_dir(args.output)
-    codec = Codec(args.package, args.backend, args.precision, threads=args.threads, max_pixels=args.max_pixels)
+    codec = Codec(args.package, engine=_engine(args), max_pixels=args.max_pixels)
     for path in _progress(files, "decode"):
         try:
             decoded = codec.decode(path.read_bytes())
@@ -136,6 +136,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine(args: argparse.Namespace):
+    """The engine that encode/decode asked for (--backend, --precision, --threads, --device)."""
+    from lic_deploy.runtime.engines import create_engine
+    from lic_deploy.runtime.package import Package
+
+    return create_engine(Package.open(args.package), args.backend, args.precision, threads=args.threads,
+                         device=args.device)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from lic_deploy.runtime.engines.tensorrt import TRT_PRECISIONS, Profile, build_engines
+    from lic_deploy.runtime.package import Package
+
+    package = Package.open(args.package)
+    precisions = args.precision or [p for p in TRT_PRECISIONS if p in package.precisions("g_a")]
+    profile = Profile.parse(args.profile) if args.profile else None
+    for path in build_engines(package, precisions, profile, device=args.device):
+        print(path)
+    return 0
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS
     from lic_deploy.runtime.engines import BACKENDS
@@ -148,6 +169,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive, help="CPU threads (default: the engine's own default)")
     p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where --backend torch runs (default cpu); "
+                   "--backend tensorrt uses GPU N of cuda:N, else GPU 0")
 
 
 def _positive(text: str) -> int:
@@ -231,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="checkpoint to continue from (same optimizer and architecture)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("build", help="ahead-of-time TensorRT engines for a package (NVIDIA GPU)",
+                       description="Compile the package's ONNX graphs into TensorRT engines (strongly typed; "
+                       "precision from the graphs) and cache them in PKG/engines/, keyed by graph sha256, TensorRT "
+                       "version, GPU compute capability, profile and precision. Stale engines are rebuilt. Needs "
+                       "pip install 'lic-deploy[tensorrt]' and an NVIDIA GPU.")
+    p.add_argument("package", help="codec package directory (from lic-deploy export)")
+    p.add_argument("--precision", nargs="+", choices=("fp32", "fp16", "int8"),
+                   help="precisions to build (default: each of fp32, fp16, int8 that the package has)")
+    p.add_argument("--profile", help="image sizes HxW the engines accept, MIN:OPT:MAX, multiples of 64 (default "
+                   "256x256:512x768:2048x2048); recorded as the package's default for --backend tensorrt")
+    p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("encode", help="images -> .lic bitstreams",
                        description="Encode images (files or folders) to .lic streams in the output folder. "

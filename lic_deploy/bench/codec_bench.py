@@ -72,6 +72,7 @@ def coder_throughput(package: Path, image: np.ndarray, model: Any) -> dict[str, 
     esc_bytes = encode_escapes(esc)
     c_enc = median_seconds(lambda: em.y_coder.encode(sym, index, []), repeat=5)
     c_dec = median_seconds(lambda: em.y_coder.decode(data, index, EscapeReader(esc_bytes)), repeat=5)
+    model.update(force=True)  # CompressAI's tables; its C++ coder reads out of bounds without them
     gc = model.gaussian_conditional
     cdf, lengths, offsets = gc._quantized_cdf.tolist(), gc._cdf_length.tolist(), gc._offset.tolist()
     s_list, i_list = sym.reshape(-1).tolist(), index.reshape(-1).astype(np.int32).tolist()

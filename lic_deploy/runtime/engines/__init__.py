@@ -7,11 +7,12 @@ lives in `lic_deploy.entropy`, identical whatever engine runs the transforms.
 
 from __future__ import annotations
 
+import re
 from typing import Protocol
 
 import numpy as np
 
-from lic_deploy.errors import BackendUnavailable, LicError
+from lic_deploy.errors import LicError
 from lic_deploy.runtime.package import Package
 
 BACKENDS = ("ort", "torch", "tensorrt")
@@ -25,17 +26,32 @@ class Engine(Protocol):
         """Run `stage` on float32 [1, C, H, W]; returns float32 [1, C', H', W']."""
 
 
+def _cuda_index(device: str) -> int:
+    """"cuda:N" -> N; "cuda" and "cpu" (the default, meaningless for TensorRT) -> 0."""
+    return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+
+
 def create_engine(package: Package, backend: str = "ort", precision: str = "fp32", *,
-                  threads: int | None = None) -> Engine:
-    """An engine of kind `backend` over `package`. BackendUnavailable when its libraries or device are missing."""
+                  threads: int | None = None, device: str = "cpu") -> Engine:
+    """An engine of kind `backend` over `package`. BackendUnavailable when its libraries or device are missing.
+
+    `device` is "cpu", "cuda" or "cuda:N": where --backend torch runs; TensorRT always runs on CUDA device N (0
+    unless "cuda:N"); ONNX Runtime runs on the CPU only.
+    """
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise LicError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if backend == "ort":
+        if device != "cpu":
+            raise LicError(f"--backend ort runs on the CPU, not {device}; use --backend torch or tensorrt")
         from lic_deploy.runtime.engines.ort import OrtEngine
 
         return OrtEngine(package, precision, threads=threads)
     if backend == "torch":
         from lic_deploy.runtime.engines.torch_ref import TorchEngine
 
-        return TorchEngine(package, precision, threads=threads)
+        return TorchEngine(package, precision, threads=threads, device=device)
     if backend == "tensorrt":
-        raise BackendUnavailable("the TensorRT engine is not available in this build")
+        from lic_deploy.runtime.engines.tensorrt import TensorRTEngine
+
+        return TensorRTEngine(package, precision, device=_cuda_index(device))
     raise LicError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

@@ -24,6 +24,9 @@ class TorchEngine:
 
         if precision not in ("fp32", "fp16") or (precision == "fp16" and device == "cpu"):
             raise LicError(f"the torch engine runs fp32 (and fp16 on CUDA), not {precision} on {device}")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"--device {device} needs an NVIDIA GPU and a CUDA build of PyTorch; "
+                                     f"torch {torch.__version__} sees no CUDA device")
         if threads:
             torch.set_num_threads(threads)
         entry = package.manifest.get("torch_weights")
