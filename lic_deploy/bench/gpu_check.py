@@ -7,7 +7,7 @@
    (fp32 must stay within 1e-3; fp16/int8 within 3 dB of ONNX Runtime's own SQNR at that precision);
 5. images (Kodak from $LIC_DEPLOY_DATA/kodak, else scikit-image's photos) encoded on the GPU and decoded on the CPU
    (ONNX Runtime FP32) and the other way round: decoded latents must equal the encoder's bit for bit;
-6. per-stage latency, host to host (copies included), medians after 2 warm-up runs, against PyTorch CUDA FP32
+6. per-stage latency, host to host (copies included), medians after warm-up runs, against PyTorch CUDA FP32
    measured in the same run.
 
 Writes OUT/gpu_check.json after every step; exit code 0 when every check passed. `--dry-run` runs the same logic
@@ -17,6 +17,7 @@ on the CPU only (ONNX Runtime stands in for TensorRT, PyTorch CPU for PyTorch CU
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -84,10 +85,8 @@ def environment() -> dict[str, Any]:
 def _cuda_python() -> dict[str, Any]:
     versions = {}
     for dist in ("cuda-python", "cuda-bindings"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     try:
         try:
             from cuda.bindings import runtime as cudart
@@ -122,27 +121,33 @@ def random_checkpoint(path: Path, n: int = 128, m: int = 192, seed: int = 0) -> 
     return path
 
 
-def variants(package: Package, dry_run: bool, env: dict[str, Any], profile: str | None) -> list[Variant]:
-    """The engines this machine can test: TensorRT per precision and PyTorch CUDA (dry run: their CPU stand-ins)."""
+def variants(package: Package, dry_run: bool, env: dict[str, Any],
+             profile: str | None) -> tuple[list[Variant], list[str]]:
+    """The engines this machine can test, TensorRT per precision and PyTorch CUDA (dry run: their CPU stand-ins),
+    and why the others are not tested."""
     have = [p for p in ("fp32", "fp16", "int8") if p in package.precisions("g_a")]
     if dry_run:
         out = [Variant(f"ort:{p}", lambda p=p: create_engine(package, "ort", p), p, f"tensorrt:{p}") for p in have]
         return [*out, Variant("torch-cpu:fp32", lambda: create_engine(package, "torch", "fp32"), "fp32",
-                              "torch-cuda:fp32")]
-    out = []
-    if env["tensorrt"]["version"] and env["cuda_python"]["devices"]:
+                              "torch-cuda:fp32")], ["tensorrt and torch-cuda: dry run"]
+    out, missing = [], []
+    if not env["tensorrt"]["version"] or not env["cuda_python"]["devices"]:
+        missing.append(f"tensorrt: {env['tensorrt'].get('error') or env['cuda_python'].get('error') or 'no GPU'}")
+    else:
         from lic_deploy.runtime.engines.tensorrt import Profile, TensorRTEngine
 
         prof = Profile.parse(profile) if profile else None
         out += [Variant(f"tensorrt:{p}", lambda p=p: TensorRTEngine(package, p, profile=prof), p) for p in have]
-    if env["torch"].get("cuda_available"):
+    if not env["torch"].get("cuda_available"):
+        missing.append(f"torch-cuda: {env['torch'].get('error') or 'torch.cuda.is_available() is False'}")
+    else:
         import torch
 
         torch.backends.cudnn.allow_tf32 = False  # FP32 means FP32 here, as in the TensorRT engines
         torch.backends.cuda.matmul.allow_tf32 = False
         out += [Variant(f"torch-cuda:{p}", lambda p=p: create_engine(package, "torch", p, device="cuda"), p)
                 for p in ("fp32", "fp16")]
-    return out
+    return out, missing
 
 
 def images(count: int) -> tuple[list[Path], str]:
@@ -182,12 +187,18 @@ def stage_checks(package: Package, engines: dict[str, Engine], tested: list[Vari
             same = create_engine(package, "ort", v.precision)
             ort_sqnr.update({(v.precision, s): sqnr_db(expected[s], same.run(s, inputs[s])) for s in STAGES})
         for s in STAGES:
-            out = engines[v.label].run(s, inputs[s])
-            row = {"engine": v.label, "stage": s, "shape": list(out.shape), "rel_error": rel_error(expected[s], out),
-                   "sqnr_db": sqnr_db(expected[s], out)}
+            try:
+                out = engines[v.label].run(s, inputs[s])
+            except Exception as exc:  # recorded; the engine is dropped from the later steps
+                rows.append({"engine": v.label, "stage": s, "ok": False, "error": _error(exc)})
+                del engines[v.label]
+                break
+            row: dict[str, Any] = {"engine": v.label, "stage": s, "shape": list(out.shape)}
             if out.shape != expected[s].shape:
-                row["ok"] = False
-            elif v.precision == "fp32":
+                rows.append({**row, "ok": False, "error": f"shape {out.shape}, expected {expected[s].shape}"})
+                continue
+            row.update(rel_error=rel_error(expected[s], out), sqnr_db=sqnr_db(expected[s], out))
+            if v.precision == "fp32":
                 row["ok"] = row["rel_error"] <= FP32_TOLERANCE
             else:
                 row["ort_sqnr_db"] = ort_sqnr[(v.precision, s)]
@@ -213,8 +224,12 @@ def cross_device(package: Package, engines: dict[str, Engine], ref: Engine, file
         cpu_data, cpu_y = cpu.encode_array(image)
         for label, engine in engines.items():
             gpu = Codec(package, engine=engine)
-            gpu_data, gpu_y = gpu.encode_array(image)
-            on_cpu, on_gpu = cpu.decode(gpu_data), gpu.decode(cpu_data)
+            try:
+                gpu_data, gpu_y = gpu.encode_array(image)
+                on_cpu, on_gpu = cpu.decode(gpu_data), gpu.decode(cpu_data)
+            except Exception as exc:  # recorded as a failure; the other engines and images go on
+                rows.append({"image": path.name, "encoder": label, "decoder": "ort:fp32", "error": _error(exc)})
+                continue
             for enc, dec, data, y, decoded in ((label, "ort:fp32", gpu_data, gpu_y, on_cpu),
                                                ("ort:fp32", label, cpu_data, cpu_y, on_gpu)):
                 rows.append({"image": path.name, "encoder": enc, "decoder": dec, "bytes": len(data),
@@ -224,9 +239,10 @@ def cross_device(package: Package, engines: dict[str, Engine], ref: Engine, file
     return rows
 
 
-def latencies(engines: dict[str, Engine], inputs: dict[str, np.ndarray], repeat: int) -> dict[str, dict[str, float]]:
-    """Median milliseconds per engine and stage, host to host, after 2 warm-up runs."""
-    return {label: {s: 1000 * median_seconds(lambda s=s, e=e: e.run(s, inputs[s]), repeat=repeat, warmup=2)
+def latencies(engines: dict[str, Engine], inputs: dict[str, np.ndarray], repeat: int,
+              warmup: int) -> dict[str, dict[str, float]]:
+    """Median milliseconds per engine and stage, host to host, after `warmup` untimed runs."""
+    return {label: {s: 1000 * median_seconds(lambda s=s, e=e: e.run(s, inputs[s]), repeat=repeat, warmup=warmup)
                     for s in STAGES} for label, e in engines.items()}
 
 
@@ -268,7 +284,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     report["package"] = {"path": str(pkg_dir), "exported_here": exported, "arch": package.arch,
                          "config": package.manifest["config"], "precisions": package.precisions("g_a"),
                          "fingerprint": package.manifest["fingerprint"]}
-    tested = variants(package, args.dry_run, env, args.profile)
+    tested, report["not_tested"] = variants(package, args.dry_run, env, args.profile)
     report["engines"] = {v.label: {"precision": v.precision, "stands_in_for": v.stands_in_for} for v in tested}
     baseline = "torch-cpu:fp32" if args.dry_run else "torch-cuda:fp32"
     report["baseline"] = baseline
@@ -279,12 +295,11 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     for v in tested:
         t = time.perf_counter()
         try:
-            engine = v.make()
-            for s in STAGES:  # TensorRT builds (or loads) here; other engines load lazily in their first run
-                if hasattr(engine, "prepare"):
-                    builds.append({"engine": v.label, "stage": s, "plan": str(engine.prepare(s))})
+            engine = v.make()  # TensorRT builds (or loads) its plans here; other engines load on first use
+            plans = [str(engine.prepare(s)) for s in STAGES] if hasattr(engine, "prepare") else []
             engines[v.label] = engine
-            builds.append({"engine": v.label, "seconds": round(time.perf_counter() - t, 2), "ok": True})
+            builds.append({"engine": v.label, "seconds": round(time.perf_counter() - t, 2), "ok": True,
+                           "plans": plans})
         except Exception as exc:  # one failing engine must not hide the others' results
             builds.append({"engine": v.label, "seconds": round(time.perf_counter() - t, 2), "ok": False,
                            "error": _error(exc)})
@@ -302,21 +317,24 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
     report["cross_device"] = {"images": source, "rows": cross_device(package, engines, ref, files, deadline)}
     save("cross-device encode/decode")
 
-    ms = latencies({**engines, "ort-cpu:fp32": ref}, inputs, args.repeat)
-    report["latency"] = {"image": name, "size": list(image.shape[2:]), "repeat": args.repeat, "warmup": 2,
+    ms = latencies({**engines, "ort-cpu:fp32": ref}, inputs, args.repeat, args.warmup)
+    report["latency"] = {"image": name, "size": list(image.shape[2:]), "repeat": args.repeat, "warmup": args.warmup,
                          "unit": "ms, host to host", "median_ms": ms, "baseline": baseline}
-    failures = [f"build {b['engine']}: {b['error']}" for b in builds if b.get("ok") is False]
-    failures += [f"stage {r['engine']}/{r['stage']}" for r in report["stage_checks"] if not r["ok"]]
-    failures += [f"latents {r['encoder']} -> {r['decoder']} on {r['image']}"
-                 for r in report["cross_device"]["rows"] if r.get("latents_identical") is False]
+    failures = [f"build {b['engine']}: {b['error']}" for b in builds if not b["ok"]]
+    failures += [f"stage {r['engine']}/{r['stage']}: {r.get('error', 'out of tolerance')}"
+                 for r in report["stage_checks"] if not r["ok"]]
+    failures += [f"latents {r['encoder']} -> {r['decoder']} on {r['image']}: {r.get('error', 'differ')}"
+                 for r in report["cross_device"]["rows"] if "error" in r or r.get("latents_identical") is False]
     if not engines:
         failures.append("no engine under test (no TensorRT, no torch.cuda); try --dry-run")
     report["summary"] = {"ok": not failures, "failures": failures}
     save("latency")
     print(f"\n{report['label']}\nlatency ({name}, {image.shape[3]}x{image.shape[2]}, medians of {args.repeat} runs "
-          f"after 2 warm-up, host to host):")
+          f"after {args.warmup} warm-up, host to host):")
     print(latency_table(ms, baseline))
     print("all checks passed" if not failures else "FAILED:\n  " + "\n  ".join(failures))
+    for engine in engines.values():
+        getattr(engine, "close", lambda: None)()
     return report
 
 
@@ -327,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU only: ORT for TensorRT, torch CPU for CUDA")
     parser.add_argument("--images", type=int, default=24, help="images to encode and decode (24)")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per stage (10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs per stage first (2)")
     parser.add_argument("--profile", help="TensorRT profile MIN:OPT:MAX (default: the package's, or "
                         "256x256:512x768:2048x2048)")
     parser.add_argument("--budget", type=float, default=360.0,

@@ -227,8 +227,11 @@ def _build_plan(trt: Any, logger: Any, onnx_path: Path, shapes: tuple[tuple[int,
     profile.set_shape(network.get_input(0).name, *shapes)
     config.add_optimization_profile(profile)
     old = timing_path.read_bytes() if timing_path.is_file() else b""
-    cache = config.create_timing_cache(old)
-    if not config.set_timing_cache(cache, False):  # another GPU's or TensorRT's cache: start afresh
+    try:  # a cache from another GPU or TensorRT version is refused: start afresh
+        reused = bool(old) and config.set_timing_cache(config.create_timing_cache(old), False)
+    except Exception:
+        reused = False
+    if not reused:
         config.set_timing_cache(config.create_timing_cache(b""), False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
