@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
 
-.PHONY: demo test lint bench-export bench-codec bench-runtime clean
+.PHONY: demo test lint bench bench-export bench-codec bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: $(STAMP)
 
 bench-export: $(STAMP)
 	$(PY) -m lic_deploy.bench.export_bench --out $(OUT)/bench-export
+
+# The quantization-robustness study (docs/bench.md) on Kodak with the shipped models; report + plots in docs/bench/.
+bench: $(STAMP)
+	LIC_DEPLOY_DATA=$(abspath $(DATA)) $(VENV)/bin/lic-deploy bench $(wildcard models/mbt-*.safetensors) \
+		--data $(DATA)/kodak --calib calib/train-64.json --precisions fp32,fp16,int8 \
+		--calib-methods minmax,percentile,entropy --backends ort,torch --repeat 5 --outlier-images 4 \
+		--fallback-target 1 -o $(OUT)/bench
+	$(VENV)/bin/lic-deploy report $(OUT)/bench/results.json -o docs/bench
+	cp $(OUT)/bench/results.json docs/bench/
 
 # The integer entropy model and the codec against CompressAI's float path, on the shipped Adam models.
 bench-codec: $(STAMP)

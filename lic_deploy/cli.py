@@ -29,7 +29,8 @@ def _export(args: argparse.Namespace) -> int:
         precisions += ["int8", "int8-u8s8"] if args.cpu_int8 else ["int8"]
     opts = ExportOptions(precisions=precisions, calib=args.calib, calib_count=args.calib_count,
                          calib_method=args.calib_method, calib_seed=args.calib_seed, calib_size=args.calib_size,
-                         entropy_act_bits=args.entropy_bits, overwrite=args.force)
+                         entropy_act_bits=args.entropy_bits, overwrite=args.force, fallback=args.fallback,
+                         fallback_target=args.fallback_target, lmbda=args.lmbda)
     export_package(args.checkpoint, args.output, arch=args.arch, options=opts)
     return 0
 
@@ -173,6 +174,52 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    "--backend tensorrt uses GPU N of cuda:N, else GPU 0")
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from lic_deploy.bench.report import headline_text, write_report
+    from lic_deploy.bench.runner import BenchOptions, run_bench
+
+    labels = {}
+    for item in args.label or []:
+        name, sep, label = item.partition("=")
+        if not sep:
+            raise LicError(f"--label {item!r} is not MODEL=OPTIMIZER:LAMBDA")
+        labels[name] = label
+    opts = BenchOptions(data=Path(args.data), out=Path(args.output), precisions=args.precisions,
+                        calib_methods=args.calib_methods, backends=args.backends, images=args.images,
+                        repeat=args.repeat, warmup=args.warmup, threads=args.threads, calib=args.calib,
+                        calib_count=args.calib_count, calib_size=args.calib_size, labels=labels,
+                        outlier_images=args.outlier_images,
+                        fallback_target=args.fallback_target)
+    results = run_bench(args.models, opts)
+    report = write_report(results, opts.out)
+    print(headline_text(results))
+    print(f"\nwrote {opts.out / 'results.json'} and {report}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from lic_deploy.bench.report import headline_text, write_report
+    from lic_deploy.bench.runner import load_results
+
+    results = load_results(args.results)
+    report = write_report(results, args.output or Path(args.results).parent)
+    print(headline_text(results))
+    print(f"\nwrote {report}")
+    return 0
+
+
+def _csv(choices: Sequence[str]):
+    """argparse type: a comma-separated list of items from `choices`."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -210,6 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-size", type=_positive, default=256, help="crop side in pixels (default 256)")
     p.add_argument("--entropy-bits", type=int, choices=(8, 16), default=16,
                    help="activation bits of the integer entropy network (default 16)")
+    p.add_argument("--fallback", choices=("none", "auto"), default="none",
+                   help="with --int8: 'auto' keeps the most INT8-sensitive layers (lowest per-layer SQNR) in FP32 "
+                   "until the rate-equivalent PTQ loss on the calibration crops is at most --fallback-target")
+    p.add_argument("--fallback-target", type=float, default=1.0, metavar="PCT",
+                   help="target of --fallback auto, percent of the FP32 rate (default 1.0)")
+    p.add_argument("--lmbda", type=float, help="the model's training lambda for --fallback auto (default: from "
+                   "the checkpoint's metadata)")
     p.add_argument("--force", action="store_true", help="replace an existing package (only once complete)")
     p.set_defaults(func=_export)
 
@@ -267,6 +321,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "256x256:512x768:2048x2048); recorded as the package's default for --backend tensorrt")
     p.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
     p.set_defaults(func=_build)
+
+    from lic_deploy.runtime.engines import BACKENDS
+    from lic_deploy.runtime.package import PRECISIONS
+
+    p = sub.add_parser("bench", help="measure PTQ loss, outliers and latency of models (SOAP against Adam)",
+                       description="Export each checkpoint (once per calibration method), really encode and decode "
+                       "every image with every backend/precision variant (bpp from .lic bytes, PSNR, MS-SSIM, "
+                       "per-step latency), collect per-layer outlier statistics and INT8 SQNR, and write "
+                       "results.json and report.md with plots (definitions: docs/bench.md).")
+    p.add_argument("models", nargs="+", help="checkpoints or codec packages (optimizer and lambda from metadata)")
+    p.add_argument("--data", required=True, help="test image folder (for example Kodak)")
+    p.add_argument("-o", "--output", default="out/bench", help="output folder (default out/bench)")
+    p.add_argument("--precisions", type=_csv(PRECISIONS), default=["fp32", "fp16", "int8"],
+                   help="comma-separated (default fp32,fp16,int8; fp32 is always measured)")
+    p.add_argument("--calib-methods", type=_csv(CALIB_METHODS), default=["minmax"],
+                   help="INT8 calibration methods, comma-separated (default minmax)")
+    p.add_argument("--backends", type=_csv(BACKENDS), default=["ort"], help="comma-separated (default ort)")
+    p.add_argument("--images", type=int, default=0, help="use the first N images (default 0: all)")
+    p.add_argument("--repeat", type=_positive, default=5, help="timed runs for the latency medians (default 5)")
+    p.add_argument("--warmup", type=_positive, default=1, help="untimed runs before timing (default 1)")
+    p.add_argument("--threads", type=_positive, default=2, help="CPU threads (default 2)")
+    p.add_argument("--calib", help="calibration folder or manifest .json (default: scikit-image's photos)")
+    p.add_argument("--calib-count", type=_positive, default=16, help="calibration crops from a folder (16)")
+    p.add_argument("--calib-size", type=_positive, default=256, help="calibration crop side in pixels (256)")
+    p.add_argument("--label", action="append", metavar="MODEL=OPTIMIZER:LAMBDA",
+                   help="optimizer and lambda of a model without them in its metadata (MODEL: file stem or path); "
+                   "repeatable")
+    p.add_argument("--outlier-images", type=int, default=2,
+                   help="images for the outlier statistics (default 2; 0 skips them)")
+    p.add_argument("--fallback-target", type=float, metavar="PCT",
+                   help="also measure INT8 with --fallback auto at this target (percent)")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("report", help="regenerate report.md and plots from a bench results.json",
+                       description="Write report.md (headline PTQ-loss table, equal-quality comparison, RD points, "
+                       "latency, fallback, outliers) and its PNG plots from results.json alone.")
+    p.add_argument("results", help="results.json written by lic-deploy bench")
+    p.add_argument("-o", "--output", help="output folder (default: the folder of results.json)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("encode", help="images -> .lic bitstreams",
                        description="Encode images (files or folders) to .lic streams in the output folder. "

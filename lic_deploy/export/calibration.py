@@ -70,6 +70,17 @@ def _source_files(source: str) -> tuple[Path, list[Path]]:
     return root, list_images(root)
 
 
+def _image_size(path: Path) -> tuple[int, int]:
+    """(height, width) in pixels without decoding the image."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -77,35 +88,31 @@ def _digest(path: Path) -> str:
 def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: int = 256) -> list[Crop]:
     """`count` crops of size x size pixels, files drawn without replacement while they last, positions uniform.
 
-    Images smaller than `size` are used whole, cropped down to a multiple of 64 pixels on each side; images
-    smaller than 64 pixels are skipped. Deterministic in (source contents, count, seed, size).
+    Every crop has the same size (histogram calibrators need that); images smaller than `size` on either side
+    are skipped. Deterministic in (source contents, count, seed, size).
     """
     if count < 1:
         raise DataError("calibration count must be at least 1")
     root, files = _source_files(str(source))
     rng = np.random.default_rng(seed)
-    order: list[Path] = []
-    while len(order) < count:
-        order.extend(files[i] for i in rng.permutation(len(files)))
-    crops = []
-    cache: dict[Path, tuple[int, int, str]] = {}
-    for path in order:
-        if len(crops) == count:
+    crops: list[Crop] = []
+    sizes: dict[Path, tuple[int, int, str]] = {}
+    while len(crops) < count:  # passes over the files in fresh random orders until enough crops
+        before = len(crops)
+        for i in rng.permutation(len(files)):
+            if len(crops) == count:
+                break
+            path = files[i]
+            if path not in sizes:
+                sizes[path] = (*_image_size(path), _digest(path))
+            h, w, digest = sizes[path]
+            if h >= size and w >= size:
+                top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+                crops.append(Crop(str(path.relative_to(root)), digest, (top, left, size, size)))
+        if len(crops) == before:
             break
-        if path not in cache:
-            from PIL import Image
-
-            with Image.open(path) as im:
-                w, h = im.size
-            cache[path] = (h, w, _digest(path))
-        h, w, digest = cache[path]
-        ch, cw = min(size, h - h % 64), min(size, w - w % 64)
-        if ch < 64 or cw < 64:
-            continue
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crops.append(Crop(str(path.relative_to(root)), digest, (top, left, ch, cw)))
     if not crops:
-        raise DataError(f"no image in {source} is at least 64x64 pixels")
+        raise DataError(f"no image in {source} is at least {size}x{size} pixels (the calibration crop size)")
     return crops
 
 

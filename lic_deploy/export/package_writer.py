@@ -43,6 +43,9 @@ class ExportOptions:
     calib_size: int = 256
     entropy_act_bits: int = 16
     overwrite: bool = False
+    fallback: str = "none"  # "auto": keep INT8-sensitive layers in FP32 (lic_deploy.export.fallback)
+    fallback_target: float = 1.0  # percent, rate-equivalent PTQ loss on the calibration crops
+    lmbda: float | None = None  # the model's training lambda for the fallback loss (default: its metadata)
 
 
 def _verification_image() -> np.ndarray:
@@ -91,6 +94,13 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
     loaded = load_model(checkpoint, arch)
     spec = get_adapter(loaded.arch).spec(loaded.model)
     log(f"loaded {loaded.arch} {loaded.config} from {checkpoint}")
+    lmbda = None
+    if opts.fallback == "auto":
+        from lic_deploy.export.fallback import fallback_lmbda
+
+        if "int8" not in precisions:
+            raise LicError("--fallback auto applies to INT8 graphs: add --int8")
+        lmbda = fallback_lmbda(opts.lmbda, loaded.metadata)
     crops, calib_manifest = calibration_set(opts.calib, opts.calib_count, seed=opts.calib_seed,
                                             size=opts.calib_size)
     calib_inputs = [stage_inputs(spec, c[None]) for c in crops]
@@ -132,6 +142,12 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
 
         arrays, entropy_info = build_entropy(spec, [c["h_s"] for c in calib_inputs], act_bits=opts.entropy_act_bits)
         np.savez(tmp / "entropy.npz", **arrays)
+        fallback = None
+        if lmbda is not None:
+            from lic_deploy.export.fallback import auto_fallback
+
+            fallback = auto_fallback(tmp, stages, spec, calib_inputs, crops, verify, method=opts.calib_method,
+                                     target_pct=opts.fallback_target, lmbda=lmbda, log=log)
         ranges = {name: activation_ranges(tmp / files["file"])
                   for name, st in stages.items() for p, files in st["files"].items() if p == "int8"}
         calib_doc = {**calib_manifest, "method": opts.calib_method, "activation_ranges": ranges}
@@ -151,6 +167,7 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             "calibration": {"file": "calib.json", "method": opts.calib_method, "count": len(crops),
                             "source": calib_manifest["source"], "seed": calib_manifest.get("seed")},
             "torch_weights": {"file": "model.safetensors", "sha256": file_sha256(tmp / "model.safetensors")},
+            **({"fallback": fallback} if fallback else {}),
         }
         manifest["fingerprint"] = fingerprint(manifest)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)

@@ -42,8 +42,10 @@ def _skip_nodes(fp32_path: Path) -> list[str]:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.ndarray], *,
-                  method: str = "minmax", variant: str = "int8") -> None:
-    """Write the Q/DQ INT8 graph of `fp32_path`, calibrated on `calib_inputs` (the stage's own inputs)."""
+                  method: str = "minmax", variant: str = "int8", exclude: Sequence[str] = ()) -> None:
+    """Write the Q/DQ INT8 graph of `fp32_path`, calibrated on `calib_inputs` (the stage's own inputs).
+
+    `exclude` names further nodes to keep in float (mixed precision, `lic_deploy.export.fallback`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
@@ -64,7 +66,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "ConvTranspose"],
-        nodes_to_exclude=_skip_nodes(fp32_path), calibrate_method=methods[method], extra_options=extra,
+        nodes_to_exclude=[*_skip_nodes(fp32_path), *exclude], calibrate_method=methods[method], extra_options=extra,
     )
 
 

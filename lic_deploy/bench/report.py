@@ -1,0 +1,351 @@
+"""`lic-deploy report`: report.md and PNG plots, regenerated from a bench results.json alone (matplotlib, Agg).
+
+Definitions of every number are in docs/bench.md; the report links there rather than repeating them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lic_deploy.bench.compare import ANCHOR, BASE, TEST, analyse
+from lic_deploy.bench.latency import format_table
+from lic_deploy.bench.runner import STEPS
+
+COLOURS = {BASE: "tab:blue", TEST: "tab:orange", f"{BASE}-eq": "tab:green"}
+
+
+def _num(v: Any, fmt: str = ".4g") -> str:
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def _points(points: Sequence[Mapping[str, Any]]) -> str:
+    return "; ".join(f"λ {p['lmbda']:g}: {p['dpsnr_db']:+.3f} dB, {p['dbpp_pct']:+.2f} % bpp" for p in points)
+
+
+def ptq_cell(entry: Mapping[str, Any] | None) -> str:
+    """A BD-rate in percent, or the per-point PSNR and bpp changes, labelled."""
+    if not entry:
+        return "–"
+    if entry["bd_rate_pct"] is not None:
+        return f"{entry['bd_rate_pct']:+.2f} % (BD-rate)"
+    return ("BD-rate n/a (PSNR not monotonic in rate); " if entry.get("note") else "") + \
+        f"per point: {_points(entry['points'])}"
+
+
+def diff_cell(diff: Mapping[str, Any] | None) -> str:
+    if not diff:
+        return "–"
+    if "bd_rate_pp" in diff:
+        return f"{diff['bd_rate_pp']:+.2f} pp"
+    return "per point: " + "; ".join(f"λ {p['lmbda']:g}: {p['dpsnr_db']:+.3f} dB, {p['dbpp_pp']:+.2f} pp bpp"
+                                     for p in diff["points"])
+
+
+def _header(results: Mapping[str, Any]) -> list[str]:
+    env, st = results["environment"], results["settings"]
+    imgs = st["images"]
+    names = ", ".join(imgs) if len(imgs) <= 6 else f"{imgs[0]} ... {imgs[-1]}"
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    return [
+        "# lic-deploy bench report", "",
+        f"Made on {results['created']} by", "", f"    {results['command']}", "",
+        "and regenerated from its results.json by `lic-deploy report results.json`.", "",
+        f"- machine: {env['cpu']} ({env['cpus_available']} CPUs available), {env['platform']}; "
+        f"threads {env['threads']}",
+        f"- versions: {versions}",
+        f"- images: {len(imgs)} from `{st['data']}` ({names}); calibration: {st['calib'] or 'scikit-image photos'}"
+        f" ({st['calib_count']} crops); latency: median of {st['repeat']} runs after {st['warmup']} warm-up",
+        "- definitions (PTQ loss, BD-rate, outlier statistics, SQNR): docs/bench.md. Rate is always the byte "
+        "length of real .lic streams.", ""]
+
+
+def _headline(an: Mapping[str, Any]) -> list[str]:
+    rows = [[h["variant"], ptq_cell(h[BASE]), ptq_cell(h[TEST]), diff_cell(h["difference"])] for h in an["headline"]]
+    return ["## Headline: PTQ loss at equal training steps", "",
+            f"Each quantized curve against the same optimizer's FP32 curve (BD-rate needs {an['min_bd_points']} "
+            "lambdas; positive = more bits for the same PSNR). Per-point cells: PSNR change and bpp change of the "
+            "quantized codec at that lambda.", "",
+            format_table(["variant", f"{BASE} PTQ loss", f"{TEST} PTQ loss", f"{TEST} − {BASE}"], rows), ""]
+
+
+def _equal_quality(eq: Mapping[str, Any] | None) -> list[str]:
+    if not eq:
+        return ["## At equal FP32 quality", "", f"No equal-quality {BASE} model (metadata `equal_quality` or a name "
+                "containing `-eq-`) was benchmarked.", ""]
+    curves = [c for c in (eq["curve"], TEST, BASE) if c in eq["fp32"]]
+    fp32 = [[c, p["model"], _num(p["steps"]), f"{p['lmbda']:g}", p["bpp"], p["psnr"]]
+            for c in curves for p in eq["fp32"][c]]
+    rows = [[r["variant"], *[_points(r[c]) or "–" for c in curves]] for r in eq["rows"]]
+    return ["## At equal FP32 quality", "",
+            f"{eq['curve']} was trained on until its FP32 quality matched {TEST}'s; {eq['label']}.", "",
+            format_table(["curve", "model", "steps", "λ", "FP32 bpp", "FP32 PSNR dB"], fp32), "",
+            format_table(["variant", *curves], rows), ""]
+
+
+def _optimizers(an: Mapping[str, Any]) -> list[str]:
+    if not an["optimizers"]:
+        return []
+    rows = [[o["variant"], ptq_cell(o)] for o in an["optimizers"]]
+    return [f"## {TEST} against {BASE}", "", f"Same variant, {TEST} curve against {BASE} curve (negative = {TEST} "
+            "saves bits).", "", format_table(["variant", f"{TEST} vs {BASE}"], rows), ""]
+
+
+def _rd_table(results: Mapping[str, Any]) -> list[str]:
+    model = {m["name"]: m for m in results["models"]}
+    rows = [[s["model"], model[s["model"]]["curve"], f"{model[s['model']]['lmbda']:g}", s["variant"], s["bpp"],
+             s["psnr"], _num(s["ms_ssim"])] for s in results["summaries"]]
+    return ["## Rate-distortion points", "", "Means over the images; MS-SSIM over those of at least 161 pixels "
+            "a side.", "", format_table(["model", "curve", "λ", "variant", "bpp", "PSNR dB", "MS-SSIM"], rows), ""]
+
+
+def _latency(an: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    if not an["latency"]:
+        return []
+    rec = results["latency"][0]
+    rows = [[r["variant"], *(1000 * r["median_s"][s] for s in STEPS), 1000 * r["transforms_s"],
+             _num(r["vs_torch_fp32"]), _num(r["vs_ort_fp32"])] for r in an["latency"]]
+    return ["## Latency", "",
+            f"Milliseconds per step on {rec['image']} ({rec['width']}x{rec['height']}), median over models of each "
+            f"model's median; {results['environment']['threads']} threads. `entropy` steps include the integer h_s. "
+            "`transforms` = g_a + h_a + g_s, the part an engine runs; ratios are against that part of the named "
+            "baseline, measured in the same run.", "",
+            format_table(["variant", *[f"{s} ms" for s in STEPS], "transforms ms", "vs torch:fp32", "vs ort:fp32"],
+                         rows), ""]
+
+
+def _fallback(an: Mapping[str, Any]) -> list[str]:
+    if not an["fallback"]:
+        return []
+    rows = [[f["model"], f["variant"], f"{f['target_pct']:g} %", f"{f['loss_before_pct']:+.3f} → "
+             f"{f['loss_after_pct']:+.3f} %", ", ".join(f["kept_layers"]) or "none",
+             _num(f["transforms_s"] and 1000 * f["transforms_s"]), _num(f["vs_int8"]), _num(f["vs_fp32"])]
+            for f in an["fallback"]]
+    return ["## Mixed precision: INT8 with FP32 fallback", "",
+            "`export --int8 --fallback auto`: layers kept in FP32 (most INT8-sensitive first) until the "
+            "rate-equivalent PTQ loss on the calibration crops met the target; latency of the float transforms "
+            "against plain INT8 and FP32 of the same model.", "",
+            format_table(["model", "variant", "target", "calibration loss", "kept in FP32", "transforms ms",
+                          "vs INT8", "vs FP32"], rows), ""]
+
+
+def _outliers(results: Mapping[str, Any]) -> list[str]:
+    if not results["outliers"]:
+        return []
+    model = {m["name"]: m for m in results["models"]}
+
+    def med(values: list[Any]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return float(np.median(vals)) if vals else None
+
+    rows = []
+    for rec in results["outliers"]:
+        convs = [r for r in rec["layers"] if r["kind"] == "conv input"]
+        lat = {r["name"]: r for r in rec["layers"] if r["kind"] == "latent"}
+        ratios = [r["max_over_sigma"] for r in convs if r["max_over_sigma"] is not None]
+        sq = [r["sqnr_db"] for r in convs if r["sqnr_db"] is not None]
+        m = model[rec["model"]]
+        rows.append([rec["model"], m["curve"], f"{m['lmbda']:g}", _num(med(ratios)), _num(max(ratios, default=None)),
+                     _num(med([r["kurtosis"] for r in convs])), _num(lat["y"]["max_over_sigma"]),
+                     _num(lat["y"]["kurtosis"]), _num(lat["z"]["max_over_sigma"]), _num(med(sq)),
+                     _num(min(sq, default=None))])
+    rec = results["outliers"][0]
+    return ["## Outliers", "",
+            f"Inputs of every convolution (INT8 graphs' view: GDN normalisations excluded) and the latents, pooled "
+            f"over {rec['images']} images; INT8 scales for the SQNR from {rec['calib_crops']} calibration crops "
+            "(min-max). Kurtosis is Pearson's (normal = 3).", "",
+            format_table(["model", "curve", "λ", "median max/σ", "max max/σ", "median kurtosis", "y max/σ",
+                          "y kurtosis", "z max/σ", "median SQNR dB", "min SQNR dB"], rows), "",
+            "![outlier profile](outlier_profile.png)", "", "![outliers against SQNR](outlier_vs_sqnr.png)", ""]
+
+
+def render(results: Mapping[str, Any], an: Mapping[str, Any]) -> str:
+    """The report's markdown; `an` is `compare.analyse(results)`."""
+    lines = [*_header(results), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_equal_quality(an["equal_quality"]),
+             *_optimizers(an), "![rate-distortion curves](rd_curves.png)", "", *_rd_table(results),
+             *_latency(an, results), "![latency](latency.png)", "", *_fallback(an), *_outliers(results)]
+    if results["skipped"]:
+        groups: dict[tuple[str, str], list[str]] = {}
+        for s in results["skipped"]:
+            groups.setdefault((s["variant"], s["reason"]), []).append(s["model"])
+        lines += ["## Skipped", "", *[f"- {v} ({len(m)} models: {', '.join(m)}): {r}" for (v, r), m in groups.items()],
+                  ""]
+    return "\n".join(lines)
+
+
+def write_report(results: Mapping[str, Any], out: str | os.PathLike) -> Path:
+    """Write OUT/report.md and the plots it shows; returns the report's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    an = analyse(results)
+    plot_rd(results, out / "rd_curves.png")
+    plot_ptq(an, out / "ptq_loss.png")
+    plot_outlier_profile(results, out / "outlier_profile.png")
+    plot_outlier_sqnr(results, out / "outlier_vs_sqnr.png")
+    plot_latency(an, out / "latency.png")
+    path = out / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(render(results, an) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _empty(path: Path, text: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    _save(fig, path)
+
+
+def plot_rd(results: Mapping[str, Any], path: Path) -> None:
+    """PSNR against bpp, one panel per quantized ORT variant: FP32 solid, quantized dashed, per curve."""
+    import matplotlib.pyplot as plt
+
+    from lic_deploy.bench.compare import curves
+
+    cs = curves(results)
+    quant = list({v: None for c in cs.values() for v in c if v.startswith("ort:") and v != f"ort:{ANCHOR}"})
+    panels = quant or [f"ort:{ANCHOR}"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4), squeeze=False)
+    for ax, variant in zip(axes[0], panels, strict=True):
+        for curve, variants in sorted(cs.items()):
+            for key, style in ((f"ort:{ANCHOR}", "-o"), (variant, "--x"))[: 1 if variant == f"ort:{ANCHOR}" else 2]:
+                pts = sorted(variants.get(key, {}).items())
+                if pts:
+                    ax.plot([p["bpp"] for _, p in pts], [p["psnr"] for _, p in pts], style,
+                            color=COLOURS.get(curve, "tab:gray"), label=f"{curve} {key.split(':', 1)[1]}")
+        ax.set(title=variant, xlabel="bpp (real .lic bytes)", ylabel="PSNR dB (RGB, 8 bit)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_ptq(an: Mapping[str, Any], path: Path) -> None:
+    """PTQ loss bars per variant and curve: BD-rate when every curve has one, else the mean per-point changes."""
+    import matplotlib.pyplot as plt
+
+    entries = an["ptq_loss"]
+    if not entries:
+        _empty(path, "no quantized variant measured")
+        return
+    bd = any(e["bd_rate_pct"] is not None for e in entries)
+    if bd:  # curves with a BD-rate only (an equal-quality curve of one lambda has none)
+        entries = [e for e in entries if e["bd_rate_pct"] is not None]
+    variants = list({e["variant"]: None for e in entries})
+    curve_names = list({e["curve"]: None for e in entries})
+    metrics = [("bd_rate_pct", "PTQ loss, BD-rate %")] if bd else [
+        ("dpsnr_db", "PSNR change dB (mean over λ, per point)"), ("dbpp_pct", "bpp change % (mean over λ, per point)")]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(5, 1.2 * len(variants)) * len(metrics), 4), squeeze=False)
+    width = 0.8 / len(curve_names)
+    x = np.arange(len(variants))
+    for ax, (key, label) in zip(axes[0], metrics, strict=True):
+        for i, curve in enumerate(curve_names):
+            vals = []
+            for v in variants:
+                e = next((e for e in entries if e["curve"] == curve and e["variant"] == v), None)
+                vals.append(np.nan if e is None else e[key] if bd else np.mean([p[key] for p in e["points"]]))
+            ax.bar(x + (i - (len(curve_names) - 1) / 2) * width, vals, width, label=curve,
+                   color=COLOURS.get(curve, "tab:gray"))
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x, [v.split(":", 1)[1] for v in variants], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _outlier_models(results: Mapping[str, Any]) -> list[tuple[str, str, float, list[dict[str, Any]]]]:
+    model = {m["name"]: m for m in results["models"]}
+    return [(r["model"], model[r["model"]]["curve"], model[r["model"]]["lmbda"], r["layers"])
+            for r in results["outliers"]]
+
+
+def plot_outlier_profile(results: Mapping[str, Any], path: Path) -> None:
+    """max |a| / sigma and kurtosis per layer (execution order), every model; colour = curve, shade = lambda."""
+    import matplotlib.pyplot as plt
+
+    recs = _outlier_models(results)
+    if not recs:
+        _empty(path, "no outlier statistics collected")
+        return
+    lambdas = sorted({lm for _, _, lm, _ in recs})
+    names = [r["name"] for r in recs[0][3]]
+    fig, axes = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(names)), 6.5), sharex=True)
+    for _, curve, lmbda, layers in recs:
+        shade = 0.35 + 0.65 * (lambdas.index(lmbda) + 1) / len(lambdas)
+        for ax, key in zip(axes, ("max_over_sigma", "kurtosis"), strict=True):
+            vals = [np.nan if r[key] is None else r[key] for r in layers]
+            ax.plot(range(len(vals)), vals, marker="o", ms=3, color=COLOURS.get(curve, "tab:gray"), alpha=shade,
+                    ls="--" if curve.endswith("-eq") else "-", label=f"{curve} λ {lmbda:g}")
+    axes[0].set(ylabel="max |a| / σ", yscale="log", title="outliers per layer input (and latents y, z)")
+    axes[1].set(ylabel="kurtosis (Pearson, normal = 3)", yscale="log")
+    axes[1].set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=3)
+    _save(fig, path)
+
+
+def plot_outlier_sqnr(results: Mapping[str, Any], path: Path) -> None:
+    """Per conv layer: max |a| / sigma of its input against its INT8 SQNR; every model, colour = curve."""
+    import matplotlib.pyplot as plt
+
+    recs = _outlier_models(results)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for curve in sorted({c for _, c, _, _ in recs}):
+        pts = [(r["max_over_sigma"], r["sqnr_db"]) for _, c, _, layers in recs if c == curve for r in layers
+               if r["kind"] == "conv input" and r["max_over_sigma"] is not None and r["sqnr_db"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), s=14, alpha=0.7, color=COLOURS.get(curve, "tab:gray"), label=curve)
+    ax.set(xscale="log", xlabel="max |a| / σ of the layer input", ylabel="layer INT8 SQNR dB",
+           title="outliers against INT8 SQNR, per layer")
+    ax.grid(alpha=0.3)
+    if recs:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_latency(an: Mapping[str, Any], path: Path) -> None:
+    """Stacked per-step median milliseconds per variant."""
+    import matplotlib.pyplot as plt
+
+    rows = an["latency"]
+    if not rows:
+        _empty(path, "no latency measured")
+        return
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    left = np.zeros(len(rows))
+    for step in STEPS:
+        ms = np.array([1000 * r["median_s"][step] for r in rows])
+        ax.barh(range(len(rows)), ms, left=left, label=step)
+        left += ms
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="ms (median)", title="encode + decode per step")
+    ax.legend(fontsize=7, ncol=len(STEPS), loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.3 / len(rows)))
+    _save(fig, path)
+
+
+def headline_text(results: Mapping[str, Any]) -> str:
+    """The headline section alone (markdown), for printing at the end of a run."""
+    return "\n".join(_headline(analyse(results)))

@@ -1,0 +1,278 @@
+"""The quantization-robustness harness: BD-rate, metrics, outlier statistics, per-layer SQNR, the comparisons,
+a tiny end-to-end bench with its report, and the automatic FP32 fallback of export."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lic_deploy.bench.bdrate import bd_rate
+from lic_deploy.bench.metrics import MS_SSIM_MIN_SIDE, bpp, ms_ssim, psnr
+from lic_deploy.bench.outliers import Accumulator, tensor_stats
+from tests.conftest import make_checkpoint, write_images
+
+# The example of the bjontegaard package's README ("Usage", https://github.com/FAU-LMS/bjontegaard, also "Test 1"
+# of its example_usage.py): libx265 presets measured with ffmpeg. The README prints the result but does not state
+# it, so the value is checked against an independent evaluation of the same definition (below) and pinned.
+README_ANCHOR = ([9487.76, 4593.60, 2486.44, 1358.24], [40.037, 38.615, 36.845, 34.851])
+README_TEST = ([9787.80, 4469.00, 2451.52, 1356.24], [40.121, 38.651, 36.970, 34.987])
+README_PCHIP = -4.417485350589045  # bjontegaard 1.3.0, method="pchip"
+
+
+def _pchip_bd_rate(rate_a: list[float], psnr_a: list[float], rate_t: list[float], psnr_t: list[float]) -> float:
+    """VCEG BD-rate written out: log10(rate) as a pchip function of PSNR, mean difference over the overlap."""
+    from scipy.interpolate import PchipInterpolator
+
+    def curve(rate: list[float], q: list[float]) -> PchipInterpolator:
+        order = np.argsort(q)
+        return PchipInterpolator(np.asarray(q)[order], np.log10(np.asarray(rate))[order])
+
+    lo, hi = max(min(psnr_a), min(psnr_t)), min(max(psnr_a), max(psnr_t))
+    fa, ft = curve(rate_a, psnr_a).antiderivative(), curve(rate_t, psnr_t).antiderivative()
+    mean_diff = ((ft(hi) - ft(lo)) - (fa(hi) - fa(lo))) / (hi - lo)
+    return float((10**mean_diff - 1) * 100)
+
+
+def test_bd_rate_documented_example() -> None:
+    import bjontegaard
+
+    ours = bd_rate(*README_ANCHOR, *README_TEST)
+    assert ours == pytest.approx(README_PCHIP, abs=1e-9)
+    assert ours == pytest.approx(bjontegaard.bd_rate(*README_ANCHOR, *README_TEST, method="pchip"), abs=1e-12)
+    assert ours == pytest.approx(_pchip_bd_rate(*README_ANCHOR, *README_TEST), abs=1e-9)
+    reversed_order = [list(reversed(v)) for v in (*README_ANCHOR, *README_TEST)]
+    assert bd_rate(*reversed_order) == pytest.approx(ours, abs=1e-12)  # any point order
+
+
+def test_bd_rate_hand_computed() -> None:
+    """The same PSNR at 0.9x (1.1x) the rate everywhere is exactly -10 % (+10 %), whatever the interpolation."""
+    rate, quality = [0.12, 0.25, 0.5, 0.9], [29.1, 31.6, 34.2, 36.5]
+    for factor in (0.9, 1.1):
+        scaled = [r * factor for r in rate]
+        assert bd_rate(rate, quality, scaled, quality) == pytest.approx(100 * (factor - 1), abs=1e-9)
+        assert bd_rate(rate, quality, scaled, quality, method="cubic") == pytest.approx(100 * (factor - 1), abs=1e-9)
+    with pytest.raises(ValueError, match="four"):
+        bd_rate(rate[:3], quality[:3], rate[:3], quality[:3])
+
+
+def test_psnr_bpp_msssim() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (170, 180, 3), dtype=np.uint8)
+    test = np.clip(ref.astype(int) + rng.integers(-3, 4, ref.shape), 0, 255).astype(np.uint8)
+    mse = np.mean((ref.astype(float) - test.astype(float)) ** 2)
+    assert psnr(ref, test) == pytest.approx(10 * math.log10(255**2 / mse), abs=1e-12)
+    assert psnr(ref, ref) == math.inf
+    assert psnr(ref[..., 0], test[..., 0]) == pytest.approx(psnr(np.repeat(ref[..., :1], 3, 2),
+                                                                 np.repeat(test[..., :1], 3, 2)))
+    assert bpp(1000, 100, 80) == 1.0 and bpp(3, 2, 3) == 4.0
+    assert ms_ssim(ref, ref) == pytest.approx(1.0, abs=1e-6)
+    noisier = np.clip(ref.astype(int) + rng.integers(-30, 31, ref.shape), 0, 255).astype(np.uint8)
+    assert 0 < ms_ssim(ref, noisier) < ms_ssim(ref, test) < 1
+    small = ref[: MS_SSIM_MIN_SIDE - 1]
+    assert math.isnan(ms_ssim(small, small))  # five scales do not fit: said so by nan
+
+
+def test_outlier_statistics_on_synthetic_tensors() -> None:
+    rng = np.random.default_rng(1)
+    shape = (2, 4, 256, 256)  # 524288 elements
+    normal, laplace, uniform = rng.normal(size=shape), rng.laplace(size=shape), rng.uniform(-1, 1, size=shape)
+    assert tensor_stats(normal).kurtosis == pytest.approx(3.0, abs=0.05)
+    assert tensor_stats(laplace).kurtosis == pytest.approx(6.0, abs=0.4)
+    assert tensor_stats(uniform).kurtosis == pytest.approx(1.8, abs=0.01)
+    assert tensor_stats(uniform).max_over_sigma == pytest.approx(math.sqrt(3), rel=0.005)
+    assert tensor_stats(normal).frac_6sigma < 1e-5  # 2.0e-9 expected
+    assert tensor_stats(laplace).frac_6sigma == pytest.approx(math.exp(-6 * math.sqrt(2)), rel=0.25)
+    s = tensor_stats(np.tile([-2.0, 2.0], 4096).reshape(1, 2, 64, 64))  # mean 0, sigma 2, exactly
+    assert s.max_abs == 2.0 and s.max_over_sigma == pytest.approx(1.0, abs=1e-12)
+    assert s.kurtosis == pytest.approx(1.0, abs=1e-12) and s.frac_6sigma == 0.0
+    spread = np.zeros((1, 4, 8, 8))
+    for c, top in enumerate((1.0, 2.0, 3.0, 10.0)):
+        spread[0, c, 3, 3] = top
+    assert tensor_stats(spread).channel_max_spread == pytest.approx(10.0 / 2.5)
+    acc = Accumulator(sample=1000, seed=0)
+    for _ in range(3):
+        acc.add(laplace)
+    pooled = acc.stats()
+    assert pooled.elements == 3000 and pooled.max_abs == np.abs(laplace).max()  # maxima exact, moments sampled
+
+
+def test_layer_sqnr_known_values() -> None:
+    """A 1x1 identity convolution on uniform input: SQNR = 10 log10(4 * 127^2) = 48.10 dB (uniform noise of step
+    amax/127); inputs and weights already on the int8 grid leave only float32 rounding (> 120 dB)."""
+    import torch
+
+    from lic_deploy.export.sensitivity import layer_sqnr
+
+    conv = torch.nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4).reshape(4, 4, 1, 1))
+    x = np.random.default_rng(2).uniform(-3, 3, (1, 4, 256, 256)).astype(np.float32)
+    db = layer_sqnr({"g_s": torch.nn.Sequential(conv)}, [{"g_s": x}])["g_s.0"]
+    assert db == pytest.approx(10 * math.log10(4 * 127**2), abs=0.1)
+    grid = (np.round(x / 3 * 127) * 3 / 127).astype(np.float32)
+    grid[0, 0, 0, 0] = 3.0
+    assert layer_sqnr({"g_s": torch.nn.Sequential(conv)}, [{"g_s": grid}])["g_s.0"] > 120
+
+
+def _synthetic_results() -> dict:
+    """A results document with four lambdas per optimizer and one equal-quality model, ideal curves."""
+    lambdas = (0.0035, 0.0067, 0.013, 0.025)
+    models, summaries, latency = [], [], []
+    for opt, loss in (("adam", 1.10), ("soap", 1.02)):  # INT8 costs 10 % / 2 % more rate at equal PSNR
+        for i, lm in enumerate(lambdas):
+            models.append({"name": f"mbt-{opt}-{lm}", "curve": opt, "lmbda": lm, "optimizer": opt, "steps": 2000})
+            for variant, factor in (("ort:fp32", 1.0), ("ort:int8:minmax", loss)):
+                summaries.append({"model": f"mbt-{opt}-{lm}", "variant": variant, "bpp": 0.2 * 2**i * factor,
+                                  "psnr": 28.0 + 2.5 * i, "ms_ssim": 0.9})
+                latency.append({"model": f"mbt-{opt}-{lm}", "variant": variant, "image": "a.png", "width": 64,
+                                "height": 64, "median_s": dict.fromkeys(("g_a", "h_a", "entropy_encode",
+                                                                         "entropy_decode", "g_s"), 0.01 * factor),
+                                "encode_s": 0.03, "decode_s": 0.02})
+    models.append({"name": "mbt-adam-eq-0.013", "curve": "adam-eq", "lmbda": 0.013, "optimizer": "adam",
+                   "steps": 5000})
+    summaries += [{"model": "mbt-adam-eq-0.013", "variant": "ort:fp32", "bpp": 0.79, "psnr": 33.1, "ms_ssim": 0.95},
+                  {"model": "mbt-adam-eq-0.013", "variant": "ort:int8:minmax", "bpp": 0.85, "psnr": 32.9,
+                   "ms_ssim": 0.95}]
+    return {"models": models, "summaries": summaries, "latency": latency, "fallback": [], "outliers": [],
+            "skipped": []}
+
+
+def test_analysis_headline_and_equal_quality() -> None:
+    from lic_deploy.bench.compare import analyse
+
+    an = analyse(_synthetic_results())
+    (head,) = an["headline"]
+    assert head["variant"] == "ort:int8:minmax"
+    assert head["adam"]["bd_rate_pct"] == pytest.approx(10.0, abs=1e-9)
+    assert head["soap"]["bd_rate_pct"] == pytest.approx(2.0, abs=1e-9)
+    assert head["difference"]["bd_rate_pp"] == pytest.approx(-8.0, abs=1e-9)
+    opt = {o["variant"]: o["bd_rate_pct"] for o in an["optimizers"]}
+    assert opt["ort:fp32"] == pytest.approx(0.0, abs=1e-9)
+    assert opt["ort:int8:minmax"] == pytest.approx(100 * (1.02 / 1.10 - 1), abs=1e-9)
+    eq = an["equal_quality"]
+    assert eq["lambdas"] == [0.013] and eq["fp32"]["adam-eq"][0]["steps"] == 5000
+    (row,) = eq["rows"]
+    (point,) = row["adam-eq"]  # one lambda: per point, not a BD-rate
+    assert point["dpsnr_db"] == pytest.approx(-0.2) and point["dbpp_pct"] == pytest.approx(100 * (0.85 / 0.79 - 1))
+    assert row["soap"][0]["dbpp_pct"] == pytest.approx(2.0)
+    eq_entry = next(e for e in an["ptq_loss"] if e["curve"] == "adam-eq")
+    assert eq_entry["method"] == "per-point" and eq_entry["bd_rate_pct"] is None
+    (lat,) = [r for r in an["latency"] if r["variant"] == "ort:int8:minmax"]
+    assert lat["vs_ort_fp32"] == pytest.approx(np.median([1.10, 1.02]) / 1.0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bench")
+    write_images(root / "images", [(192, 192), (64, 96)])  # the second is too small for MS-SSIM
+    return {"root": root, "images": root / "images",
+            "a": make_checkpoint(root / "tiny-a.pt", "mbt2018-mean", 16, 24, seed=0),
+            "b": make_checkpoint(root / "tiny-b.pt", "mbt2018-mean", 16, 24, seed=1)}
+
+
+def test_tiny_end_to_end_bench(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.bench.runner import SCHEMA, SCHEMA_VERSION
+    from lic_deploy.cli import main
+
+    out = tiny["root"] / "out"
+    code = main(["bench", str(tiny["a"]), str(tiny["b"]), "--data", str(tiny["images"]), "-o", str(out),
+                 "--precisions", "fp32,int8", "--calib-methods", "minmax", "--repeat", "2", "--calib-count", "1",
+                 "--calib-size", "64", "--calib", str(tiny["images"]), "--threads", "1",
+                 "--outlier-images", "1", "--label", "tiny-a=adam:0.013", "--label", "tiny-b=soap:0.013"])
+    assert code == 0
+    assert "Headline" in capsys.readouterr().out
+
+    def no_constants(name: str) -> float:
+        raise AssertionError(f"results.json holds {name}: not strict JSON")
+
+    doc = json.loads((out / "results.json").read_text(), parse_constant=no_constants)
+    assert doc["schema"] == SCHEMA and doc["schema_version"] == SCHEMA_VERSION
+    for key in ("created", "command", "environment", "settings", "models", "rows", "summaries", "latency",
+                "skipped", "fallback", "outliers", "analysis"):
+        assert key in doc, key
+    assert doc["command"].startswith("lic-deploy bench ") and "--label tiny-a=adam:0.013" in doc["command"]
+    assert doc["environment"]["threads"] == 1 and "onnxruntime" in doc["environment"]["versions"]
+    assert [(m["name"], m["curve"], m["lmbda"]) for m in doc["models"]] == [("tiny-a", "adam", 0.013),
+                                                                            ("tiny-b", "soap", 0.013)]
+    assert len(doc["rows"]) == 2 * 2 * 2 and not doc["skipped"]
+    for row in doc["rows"]:
+        assert row["bpp"] == pytest.approx(8 * row["bytes"] / (row["height"] * row["width"]))
+        assert set(row["steps"]) == {"g_a", "h_a", "entropy_encode", "entropy_decode", "g_s"}
+        assert (row["ms_ssim"] is None) == (row["image"] == "img1.png")
+    assert {s["variant"] for s in doc["summaries"]} == {"ort:fp32", "ort:int8:minmax"}
+    assert all(lat["repeat"] == 2 and lat["median_s"]["g_a"] > 0 for lat in doc["latency"])
+    layers = doc["outliers"][0]["layers"]
+    assert [r["name"] for r in layers][:5] == ["g_a.0", "g_a.2", "g_a.4", "g_a.6", "y"]
+    assert all(r["sqnr_db"] is not None for r in layers if r["name"].startswith(("g_a", "g_s")))
+    (head,) = doc["analysis"]["headline"]
+    assert head["adam"]["method"] == "per-point" and len(head["adam"]["points"]) == 1
+    report = (out / "report.md").read_text()
+    assert "per point: λ 0.013" in report and "## Outliers" in report
+    pngs = ("rd_curves.png", "ptq_loss.png", "outlier_profile.png", "outlier_vs_sqnr.png", "latency.png")
+    for name in pngs:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    again = tiny["root"] / "again"
+    assert main(["report", str(out / "results.json"), "-o", str(again)]) == 0
+    assert (again / "report.md").read_text() == report and all((again / n).is_file() for n in pngs)
+
+
+def test_bench_measures_packages_as_they_are(tiny: dict[str, Path]) -> None:
+    """A package is benchmarked with its own precisions and calibration method, nothing exported."""
+    from lic_deploy.bench.runner import BenchOptions, run_bench
+
+    out = tiny["root"] / "out"
+    if not (out / "packages" / "tiny-a.minmax").is_dir():
+        pytest.skip("needs the package of test_tiny_end_to_end_bench")
+    opts = BenchOptions(data=tiny["images"], out=tiny["root"] / "from-package", images=1, repeat=1, threads=1,
+                        outlier_images=0, labels={"tiny-a.minmax": "adam:0.013"})
+    doc = run_bench([out / "packages" / "tiny-a.minmax"], opts)
+    assert doc["models"][0]["kind"] == "package" and doc["models"][0]["packages"] == {}
+    assert [s["variant"] for s in doc["summaries"]] == ["ort:fp32", "ort:int8:minmax"]
+    assert not (tiny["root"] / "from-package" / "packages").exists()
+
+
+def test_bench_asks_for_labels(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.cli import main
+
+    code = main(["bench", str(tiny["a"]), "--data", str(tiny["images"]), "-o", str(tiny["root"] / "nolabel")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--label tiny-a=OPTIMIZER:LAMBDA" in err.splitlines()[-1]
+
+
+def test_fallback_keeps_layers_until_target(tiny: dict[str, Path]) -> None:
+    """An unreachable target keeps every candidate layer in FP32 (loss then exactly 0: the graphs are float); a
+    loose one keeps none. Kept nodes read their input without Q/DQ."""
+    import onnx
+
+    from lic_deploy.export.package_writer import ExportOptions, export_package
+
+    def export(target: float, name: str) -> dict:
+        opts = ExportOptions(precisions=("fp32", "int8"), calib_count=1, calib_size=64, fallback="auto",
+                             fallback_target=target, lmbda=0.013)
+        pkg = export_package(tiny["a"], tiny["root"] / name, options=opts, log=lambda _: None)
+        return json.loads((pkg / "manifest.json").read_text())
+
+    strict = export(-1e9, "strict")["fallback"]
+    assert len(strict["kept_layers"]) == len(strict["ranking"]) >= 1 and not strict["met"]
+    assert strict["loss_pct"] == 0.0 and strict["steps"][-1]["bpp"] == strict["fp32"]["bpp"]
+    sqnrs = [r["sqnr_db"] for r in strict["ranking"]]
+    assert sqnrs == sorted(sqnrs) and strict["ranking"][0]["layer"] == strict["kept_layers"][0]
+    for stage, nodes in strict["kept_float"].items():
+        graph = onnx.load(str(tiny["root"] / "strict" / f"{stage}.int8.onnx")).graph
+        producers = {o: n.op_type for n in graph.node for o in n.output}
+        kept = [n for n in graph.node if n.name in nodes]
+        assert len(kept) == len(nodes) and all(producers.get(n.input[0]) != "DequantizeLinear" for n in kept)
+    loose = export(1e9, "loose")["fallback"]
+    assert loose["kept_layers"] == [] and loose["kept_float"] == {} and loose["met"]
+
+
+def test_fallback_needs_lambda(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.cli import main
+
+    code = main(["export", str(tiny["a"]), "--int8", "--fallback", "auto", "-o", str(tiny["root"] / "nolmbda")])
+    assert code == 2 and "pass --lmbda" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tiny["root"] / "nolmbda").exists()
