@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
 
-.PHONY: demo test lint bench bench-export bench-codec bench-runtime clean
+.PHONY: demo test lint bench bench-convergence bench-export bench-codec bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,15 @@ bench: $(STAMP)
 		--fallback-target 1 -o $(OUT)/bench
 	$(VENV)/bin/lic-deploy report $(OUT)/bench/results.json -o docs/bench
 	cp $(OUT)/bench/results.json docs/bench/
+
+# SOAP against Adam: steps and seconds to Adam's final validation loss (lambda 0.013 of the model set).
+bench-convergence: $(STAMP)
+	$(VENV)/bin/lic-deploy convergence --adam models/mbt-adam-0.013.jsonl --soap models/mbt-soap-0.013.jsonl \
+		-o docs/convergence
+
+# The model set itself (about 3 hours on 2 cores; resumable: rerun to continue).
+models: $(STAMP)
+	$(PY) -m lic_deploy.train.model_set --data $(DATA)/train --val $(DATA)/kodak --models models
 
 # The integer entropy model and the codec against CompressAI's float path, on the shipped Adam models.
 bench-codec: $(STAMP)

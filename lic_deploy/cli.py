@@ -108,6 +108,20 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convergence(args: argparse.Namespace) -> int:
+    import json
+
+    from lic_deploy.bench.convergence import compare, plot, summary, to_json
+
+    result = compare(args.adam, args.soap)
+    out = _out_dir(args.output)
+    plot(args.adam, args.soap, out / "convergence.png")
+    _write_atomic(out / "convergence.json", json.dumps(to_json(result), indent=1).encode())
+    print(summary(result))
+    print(f"wrote {out / 'convergence.png'} and {out / 'convergence.json'}")
+    return 0
+
+
 def _calib(args: argparse.Namespace) -> int:
     import json
 
@@ -278,6 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive, default=256, help="crop side in pixels (256)")
     p.add_argument("--force", action="store_true", help="replace an existing manifest")
     p.set_defaults(func=_calib)
+
+    p = sub.add_parser("convergence", help="steps and seconds SOAP needs to reach Adam's final loss",
+                       description="Compare two training logs (OUTPUT.jsonl of `lic-deploy train` with --val) of "
+                       "the same architecture, data, seed and lambda: SOAP's steps and wall-clock seconds to "
+                       "reach Adam's final validation loss, the per-step time ratio, and a plot of validation "
+                       "loss against steps and seconds.")
+    p.add_argument("--adam", required=True, help="Adam run's .jsonl log")
+    p.add_argument("--soap", required=True, help="SOAP run's .jsonl log")
+    p.add_argument("-o", "--output", required=True, help="output folder for convergence.png and .json")
+    p.set_defaults(func=_convergence)
 
     p = sub.add_parser("train", help="train a codec with SOAP or Adam",
                        description="Rate-distortion training (loss = lmbda * 255^2 * MSE + bpp) on random crops of "

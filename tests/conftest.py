@@ -13,21 +13,10 @@ SHARED_DATA = Path(os.environ.get("LIC_DEPLOY_DATA", ROOT.parent / "shared" / "d
 
 
 def make_checkpoint(path: Path, arch: str, n: int, m: int, seed: int = 0) -> Path:
-    """A random-weight model whose latents and scales look like a trained one's: y of a few units and Gaussian
-    scales spread over the scale table (a fresh model predicts every scale below the table's first entry)."""
-    import torch
+    """A random-weight model with trained-looking latents (see `lic_deploy.bench.synthetic`)."""
+    from lic_deploy.bench.synthetic import random_checkpoint
 
-    from lic_deploy.archs.registry import get_adapter
-
-    torch.manual_seed(seed)
-    model = get_adapter(arch).build({"N": n, "M": m})
-    with torch.no_grad():
-        model.g_a[-1].weight.mul_(20.0)
-        last = [mod for mod in model.h_s if hasattr(mod, "weight")][-1]
-        last.weight.mul_(0.5)
-        last.bias[:m] = torch.exp(torch.empty(m).uniform_(np.log(0.3), np.log(30.0)))
-    torch.save(model.state_dict(), path)
-    return path
+    return random_checkpoint(path, arch, n, m, seed)
 
 
 def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> list[Path]:

@@ -178,3 +178,29 @@ def test_bad_arguments(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFi
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and needle in err[-1], (needle, err)
     assert not (tmp_path / "x.pt").exists()
+
+
+def _log(path: Path, points: list[tuple[int, float, float]]) -> Path:
+    path.write_text("".join(json.dumps({"step": s, "seconds": t, "val_loss": v, "train_loss": v}) + "\n"
+                            for s, t, v in points))
+    return path
+
+
+def test_convergence_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.bench.convergence import compare
+
+    adam = _log(tmp_path / "adam.jsonl", [(100, 10.0, 8.0), (200, 20.0, 6.0), (400, 40.0, 4.0)])
+    soap = _log(tmp_path / "soap.jsonl", [(100, 12.0, 5.0), (200, 24.0, 3.0), (400, 48.0, 2.0)])
+    c = compare(adam, soap)
+    assert c.target_val_loss == 4.0 and c.adam_steps == 400
+    assert c.soap_steps == pytest.approx(150.0) and c.soap_seconds == pytest.approx(18.0)  # halfway 100 -> 200
+    assert c.step_saving == pytest.approx(1 - 150 / 400) and c.time_saving == pytest.approx(1 - 18 / 40)
+    assert c.step_time_ratio == pytest.approx(1.2)
+    slow = _log(tmp_path / "slow.jsonl", [(100, 12.0, 9.0), (400, 48.0, 5.0)])
+    assert compare(adam, slow).soap_steps is None
+    assert main(["convergence", "--adam", str(adam), "--soap", str(soap), "-o", str(tmp_path / "out")]) == 0
+    assert "62.5% fewer steps" in capsys.readouterr().out
+    assert (tmp_path / "out" / "convergence.png").stat().st_size > 1000
+    (tmp_path / "bad.jsonl").write_text('{"step": 1}\n')
+    assert main(["convergence", "--adam", str(tmp_path / "bad.jsonl"), "--soap", str(soap), "-o",
+                 str(tmp_path / "x")]) == 2

@@ -54,16 +54,15 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from lic_deploy.archs.registry import get_adapter
     from lic_deploy.export.package_writer import ExportOptions, export_package
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = args.checkpoint
     if ckpt is None:
-        torch.manual_seed(0)
-        ckpt = out / "random-mbt2018-mean-128-192.pt"
-        torch.save(get_adapter("mbt2018-mean").build({"N": 128, "M": 192}).state_dict(), ckpt)
+        from lic_deploy.bench.synthetic import random_checkpoint
+
+        ckpt = random_checkpoint(out / "random-mbt2018-mean-128-192.pt")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     pkg_dir = export_package(ckpt, out / "package", options=ExportOptions(

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lic_deploy.bench.latency import format_table, median_seconds
+from lic_deploy.bench.synthetic import random_checkpoint
 from lic_deploy.runtime.engines import Engine, create_engine
 from lic_deploy.runtime.package import Package
 
@@ -101,24 +102,6 @@ def _cuda_python() -> dict[str, Any]:
         return {"versions": versions, "device_count_status": getattr(err, "name", str(err)), "devices": devices}
     except (ImportError, OSError, RuntimeError) as exc:
         return {"versions": versions, "error": _error(exc), "devices": []}
-
-
-def random_checkpoint(path: Path, n: int = 128, m: int = 192, seed: int = 0) -> Path:
-    """A random-weight mbt2018-mean whose latents spread like a trained model's (y of a few units, scales across
-    the table), so that the latent comparisons below compare many non-zero symbols."""
-    import torch
-
-    from lic_deploy.archs.registry import get_adapter
-
-    torch.manual_seed(seed)
-    model = get_adapter("mbt2018-mean").build({"N": n, "M": m})
-    with torch.no_grad():
-        model.g_a[-1].weight.mul_(20.0)
-        last = [mod for mod in model.h_s if hasattr(mod, "weight")][-1]
-        last.weight.mul_(0.5)
-        last.bias[:m] = torch.exp(torch.empty(m).uniform_(np.log(0.3), np.log(30.0)))
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def variants(package: Package, dry_run: bool, env: dict[str, Any],

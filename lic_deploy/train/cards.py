@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,8 @@ def publish(checkpoint: Path, models: Path, *, kodak: str | os.PathLike) -> Path
         rd = kodak_rd(pkg, kodak)
     log = checkpoint.with_suffix(".pt.jsonl")
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    if log.is_file():  # the training log ships too: `lic-deploy convergence` reads it
+        shutil.copyfile(log, models / f"{name}.jsonl")
     val = [r for r in rows if "val_loss" in r]
     (models / f"{name}.md").write_text(_card(name, loaded, meta, rd, val[-1] if val else {}))
     return weights
