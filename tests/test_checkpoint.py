@@ -116,3 +116,18 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
     torch.save({"x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "evil.pt")
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "models").glob("*.safetensors"))
+
+
+@pytest.mark.skipif(not SHIPPED, reason="models/ holds no shipped model yet (the model set is still training)")
+def test_shipped_models_load_and_carry_their_training() -> None:
+    total = sum(p.stat().st_size for p in SHIPPED)
+    assert total <= 40 * 2**20, f"the model set is {total / 2**20:.1f} MB, over 40 MB"
+    for path in SHIPPED:
+        loaded = load_model(path)
+        assert loaded.arch == "mbt2018-mean"
+        training = loaded.metadata["training"]
+        assert training["optimizer"] in ("adam", "soap") and training["lmbda"] > 0 and training["steps"] > 0
+        assert path.with_suffix(".md").is_file() and path.with_suffix(".jsonl").is_file()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +34,8 @@ class Decoded:
     y_hat: np.ndarray  # the decoded latents, float32 [M, H/16, W/16]
 
 
-@dataclass
 class Codec:
     """A package bound to one engine. `timings` holds the seconds of each step of the last call."""
-
-    package: Package
-    engine: Engine
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
                  threads: int | None = None, engine: Engine | None = None,
@@ -49,7 +43,7 @@ class Codec:
         self.package = package if isinstance(package, Package) else Package.open(package)
         self.engine = engine or create_engine(self.package, backend, precision, threads=threads)
         self.max_pixels = max_pixels
-        self.timings = {}
+        self.timings: dict[str, float] = {}
         self._entropy: EntropyModel | None = None
 
     @property
