@@ -63,12 +63,11 @@ def _out_dir(path: str) -> Path:
 
 def _encode(args: argparse.Namespace) -> int:
     from lic_deploy.bench.latency import format_table
-    from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.images import expand_inputs, load_rgb, psnr, to_uint8
 
     files = expand_inputs(args.images)
     out = _out_dir(args.output)
-    codec = Codec(args.package, engine=_engine(args), max_pixels=args.max_pixels)
+    codec = _codec(args)
     rows = []
     for path in _progress(files, "encode"):
         image, grey = load_rgb(path)
@@ -90,12 +89,11 @@ def _encode(args: argparse.Namespace) -> int:
 
 def _decode(args: argparse.Namespace) -> int:
     from lic_deploy.errors import BitstreamError
-    from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.images import expand_inputs, save_image
 
     files = expand_inputs(args.streams, (".lic",))
     out = _out_dir(args.output)
-    codec = Codec(args.package, engine=_engine(args), max_pixels=args.max_pixels)
+    codec = _codec(args)
     for path in _progress(files, "decode"):
         try:
             decoded = codec.decode(path.read_bytes())
@@ -151,13 +149,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine(args: argparse.Namespace):
-    """The engine that encode/decode asked for (--backend, --precision, --threads, --device)."""
+def _codec(args: argparse.Namespace):
+    """The codec encode/decode asked for (--backend, --precision, --threads, --device, --max-pixels)."""
+    from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.engines import create_engine
     from lic_deploy.runtime.package import Package
 
-    return create_engine(Package.open(args.package), args.backend, args.precision, threads=args.threads,
-                         device=args.device)
+    package = Package.open(args.package)
+    engine = create_engine(package, args.backend, args.precision, threads=args.threads, device=args.device)
+    return Codec(package, engine=engine, max_pixels=args.max_pixels)
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -32,9 +32,9 @@ def test_manifest(package_mbt: Path, ckpt_mbt: Path) -> None:
         for p in ("int8", "fp16"):
             assert np.isfinite(m["stages"][stage]["files"][p]["sqnr_db"])
     assert m["fingerprint"] == fingerprint(m) and len(pkg.fingerprint) == 16
-    from lic_deploy.archs.checkpoint import sha256_file
+    from lic_deploy.runtime.package import file_sha256
 
-    assert m["source"]["sha256"] == sha256_file(ckpt_mbt)
+    assert m["source"]["sha256"] == file_sha256(ckpt_mbt)
     calib = json.loads((package_mbt / "calib.json").read_text())
     assert len(calib["crops"]) == 4 and calib["source"] == "skimage"
     assert calib["activation_ranges"]["g_a"]  # ranges recorded for the INT8 graphs

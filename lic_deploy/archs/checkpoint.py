@@ -8,7 +8,6 @@ prefixes (DataParallel); lic-deploy checkpoints (`{"lic_deploy": 1, "arch", "con
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from typing import Any
 
 from lic_deploy.archs.registry import get_adapter, infer_arch
 from lic_deploy.errors import CheckpointError
+from lic_deploy.runtime.package import file_sha256
 
 FORMAT_KEY = "lic_deploy"
 FORMAT_VERSION = 1
@@ -34,14 +34,6 @@ class LoadedModel:
     path: Path
     sha256: str
     metadata: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -131,7 +123,7 @@ def load_model(path: str | os.PathLike, arch: str | None = None) -> LoadedModel:
     weights = {k: v for k, v in state.items() if not k.endswith(_DERIVED)}
     torch.nn.Module.load_state_dict(model, weights, strict=False)
     model.eval()
-    return LoadedModel(model, name, config, Path(path), sha256_file(path), meta)
+    return LoadedModel(model, name, config, Path(path), file_sha256(Path(path)), meta)
 
 
 def save_checkpoint(path: str | os.PathLike, model: Any, arch: str, config: dict[str, int],

@@ -111,10 +111,11 @@ def resolve_model(path: str | os.PathLike, labels: Mapping[str, str]) -> Model:
         source = Package.open(p).manifest["source"]
         meta, sha, name, kind = source.get("metadata") or {}, source["sha256"], p.name, "package"
     else:
-        from lic_deploy.archs.checkpoint import read_checkpoint, sha256_file
+        from lic_deploy.archs.checkpoint import read_checkpoint
+        from lic_deploy.runtime.package import file_sha256
 
         _, meta = read_checkpoint(p)
-        sha, name, kind = sha256_file(p), p.stem, "checkpoint"
+        sha, name, kind = file_sha256(p), p.stem, "checkpoint"
     label = labels.get(name) or labels.get(str(path))
     if label:
         optimizer, lmbda = parse_label(label)

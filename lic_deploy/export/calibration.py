@@ -8,7 +8,6 @@ Replaying a manifest yields the same crops byte for byte, provided the files' sh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -19,6 +18,7 @@ import numpy as np
 
 from lic_deploy.errors import DataError
 from lic_deploy.runtime.images import DATA_ENV, list_images, load_rgb
+from lic_deploy.runtime.package import file_sha256
 
 SKIMAGE = "skimage"
 DATA_PREFIX = "data:"
@@ -81,10 +81,6 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: cannot read image ({exc})") from None
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: int = 256) -> list[Crop]:
     """`count` crops of size x size pixels, files drawn without replacement while they last, positions uniform.
 
@@ -104,7 +100,7 @@ def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: 
                 break
             path = files[i]
             if path not in sizes:
-                sizes[path] = (*_image_size(path), _digest(path))
+                sizes[path] = (*_image_size(path), file_sha256(path))
             h, w, digest = sizes[path]
             if h >= size and w >= size:
                 top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
@@ -124,7 +120,7 @@ def load_crops(source: str | os.PathLike, crops: list[Crop]) -> list[np.ndarray]
         path = root / crop.file
         if not path.is_file():
             raise DataError(f"calibration file {path} is missing")
-        if _digest(path) != crop.sha256:
+        if file_sha256(path) != crop.sha256:
             raise DataError(f"calibration file {path} changed since the manifest was written (sha256 differs)")
         img, _ = load_rgb(path, warn=False)
         top, left, h, w = crop.box
