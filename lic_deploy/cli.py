@@ -143,7 +143,7 @@ def _train(args: argparse.Namespace) -> int:
                       steps=args.steps, batch=args.batch, patch=args.patch, downscale=args.downscale or None,
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
-                      resume=args.resume, threads=args.threads)
+                      resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss)
     path = train(cfg)
     print(f"wrote {path} and {path}.jsonl")
     return 0
@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=_positive, default=250)
     p.add_argument("--align-every", type=_positive, default=50, help="alignment metrics every K steps (50)")
     p.add_argument("--resume", help="checkpoint to continue from (same optimizer and architecture)")
+    p.add_argument("--until-val-loss", type=float, metavar="LOSS",
+                   help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
+                   "needs --val)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.set_defaults(func=_train)
 

@@ -118,7 +118,7 @@ def test_layer_sqnr_known_values() -> None:
     assert layer_sqnr({"g_s": torch.nn.Sequential(conv)}, [{"g_s": grid}])["g_s.0"] > 120
 
 
-def _synthetic_results() -> dict:
+def _synthetic_results(eq: str = "adam") -> dict:
     """A results document with four lambdas per optimizer and one equal-quality model, ideal curves."""
     lambdas = (0.0035, 0.0067, 0.013, 0.025)
     models, summaries, latency = [], [], []
@@ -132,19 +132,19 @@ def _synthetic_results() -> dict:
                                 "height": 64, "median_s": dict.fromkeys(("g_a", "h_a", "entropy_encode",
                                                                          "entropy_decode", "g_s"), 0.01 * factor),
                                 "encode_s": 0.03, "decode_s": 0.02})
-    models.append({"name": "mbt-adam-eq-0.013", "curve": "adam-eq", "lmbda": 0.013, "optimizer": "adam",
-                   "steps": 5000})
-    summaries += [{"model": "mbt-adam-eq-0.013", "variant": "ort:fp32", "bpp": 0.79, "psnr": 33.1, "ms_ssim": 0.95},
-                  {"model": "mbt-adam-eq-0.013", "variant": "ort:int8:minmax", "bpp": 0.85, "psnr": 32.9,
-                   "ms_ssim": 0.95}]
+    name = f"mbt-{eq}-eq-0.013"
+    models.append({"name": name, "curve": f"{eq}-eq", "lmbda": 0.013, "optimizer": eq, "steps": 5000})
+    summaries += [{"model": name, "variant": "ort:fp32", "bpp": 0.79, "psnr": 33.1, "ms_ssim": 0.95},
+                  {"model": name, "variant": "ort:int8:minmax", "bpp": 0.85, "psnr": 32.9, "ms_ssim": 0.95}]
     return {"models": models, "summaries": summaries, "latency": latency, "fallback": [], "outliers": [],
             "skipped": []}
 
 
-def test_analysis_headline_and_equal_quality() -> None:
+@pytest.mark.parametrize(("eq", "partner"), [("adam", "soap"), ("soap", "adam")])
+def test_analysis_headline_and_equal_quality(eq: str, partner: str) -> None:
     from lic_deploy.bench.compare import analyse
 
-    an = analyse(_synthetic_results())
+    an = analyse(_synthetic_results(eq))
     (head,) = an["headline"]
     assert head["variant"] == "ort:int8:minmax"
     assert head["adam"]["bd_rate_pct"] == pytest.approx(10.0, abs=1e-9)
@@ -153,16 +153,31 @@ def test_analysis_headline_and_equal_quality() -> None:
     opt = {o["variant"]: o["bd_rate_pct"] for o in an["optimizers"]}
     assert opt["ort:fp32"] == pytest.approx(0.0, abs=1e-9)
     assert opt["ort:int8:minmax"] == pytest.approx(100 * (1.02 / 1.10 - 1), abs=1e-9)
-    eq = an["equal_quality"]
-    assert eq["lambdas"] == [0.013] and eq["fp32"]["adam-eq"][0]["steps"] == 5000
-    (row,) = eq["rows"]
-    (point,) = row["adam-eq"]  # one lambda: per point, not a BD-rate
+    eqa = an["equal_quality"]
+    assert eqa["curve"] == f"{eq}-eq" and eqa["partner"] == partner
+    assert eqa["lambdas"] == [0.013] and eqa["fp32"][f"{eq}-eq"][0]["steps"] == 5000
+    (row,) = eqa["rows"]
+    (point,) = row[f"{eq}-eq"]  # one lambda: per point, not a BD-rate
     assert point["dpsnr_db"] == pytest.approx(-0.2) and point["dbpp_pct"] == pytest.approx(100 * (0.85 / 0.79 - 1))
     assert row["soap"][0]["dbpp_pct"] == pytest.approx(2.0)
-    eq_entry = next(e for e in an["ptq_loss"] if e["curve"] == "adam-eq")
+    eq_entry = next(e for e in an["ptq_loss"] if e["curve"] == f"{eq}-eq")
     assert eq_entry["method"] == "per-point" and eq_entry["bd_rate_pct"] is None
     (lat,) = [r for r in an["latency"] if r["variant"] == "ort:int8:minmax"]
     assert lat["vs_ort_fp32"] == pytest.approx(np.median([1.10, 1.02]) / 1.0)
+
+
+def test_plan_variants_shares_packages_and_limits_fallback_to_the_first_method(tmp_path: Path) -> None:
+    from lic_deploy.bench.runner import BenchOptions, Model, Variant, plan_variants
+
+    model = Model("m", tmp_path / "m.pt", "checkpoint", "soap", 0.013, 100, False, "0" * 64)
+    opts = BenchOptions(data=tmp_path, out=tmp_path, calib_methods=("minmax", "entropy"), backends=("ort", "torch"),
+                        fallback_target=1.0)
+    plan = plan_variants(model, opts)
+    assert plan[Variant("ort", "fp32")] == plan[Variant("ort", "int8", "minmax")] == "m.minmax"
+    assert plan[Variant("ort", "int8", "entropy")] == "m.entropy"
+    assert plan[Variant("ort", "int8", "minmax", True)] == "m.minmax.fb"
+    assert Variant("ort", "int8", "entropy", True) not in plan
+    assert {v.precision for v in plan if v.backend == "torch"} == {"fp32", "fp16"}
 
 
 @pytest.fixture(scope="module")

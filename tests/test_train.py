@@ -161,6 +161,17 @@ def test_short_run_and_bit_exact_resume(tiny_data: Path, tmp_path: Path) -> None
         assert rows[-1]["step"] == 10
 
 
+def test_until_val_loss_stops_at_the_first_validation_that_reaches_it(tiny_data: Path, tmp_path: Path) -> None:
+    from lic_deploy.archs.checkpoint import read_checkpoint
+
+    out = tmp_path / "eq.pt"
+    assert main(_args(tiny_data, out, "--optimizer", "adam", "--steps", "40", "--val", str(tiny_data),
+                      "--until-val-loss", "1e9")) == 0
+    _, meta = read_checkpoint(out)
+    rows = [json.loads(x) for x in Path(f"{out}.jsonl").read_text().splitlines()]
+    assert meta["steps"] == 10 and rows[-1]["step"] == 10 and rows[-1]["val_loss"] <= 1e9
+
+
 def test_bad_arguments(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     cases = [
@@ -169,6 +180,7 @@ def test_bad_arguments(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFi
         (_args(tiny_data, tmp_path / "x.pt", "--patch", "128"), "at least 128x128"),
         (_args(tiny_data, tmp_path / "x.pt", "--patch", "100"), "multiple of 64"),
         (_args(tiny_data, tmp_path / "x.pt", "--optimizer", "sgd"), "invalid choice"),
+        (_args(tiny_data, tmp_path / "x.pt", "--until-val-loss", "2"), "needs --val"),
     ]
     for args, needle in cases:
         try:

@@ -89,10 +89,12 @@ def difference(base: Mapping[str, Any] | None, test: Mapping[str, Any] | None) -
 
 def equal_quality(cs: Mapping[str, Mapping[str, Mapping[float, Any]]], ptq: Sequence[Mapping[str, Any]],
                   models: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """BASE-eq (trained on to TEST's FP32 quality) against TEST and BASE at the eq models' lambdas, per point."""
-    eq = f"{BASE}-eq"
-    if eq not in cs:
+    """An equal-quality curve ("adam-eq": Adam trained on to SOAP's validation loss, or "soap-eq": SOAP stopped
+    when it reached Adam's) against TEST and BASE at the eq models' lambdas, per point."""
+    eq = next((c for c in cs if c.endswith("-eq")), None)
+    if eq is None:
         return None
+    partner = TEST if eq == f"{BASE}-eq" else BASE
     steps = {(m["curve"], m["lmbda"]): m.get("steps") for m in models}
     lambdas = sorted({lm for points in cs[eq].values() for lm in points})
     fp32 = {c: [{"lmbda": lm, "model": p["model"], "steps": steps.get((c, lm)), "bpp": p["bpp"], "psnr": p["psnr"]}
@@ -105,7 +107,7 @@ def equal_quality(cs: Mapping[str, Mapping[str, Mapping[float, Any]]], ptq: Sequ
             hit = next((e for e in ptq if e["curve"] == c and e["variant"] == variant), None)
             entry[c] = [p for p in hit["points"] if p["lmbda"] in lambdas] if hit else []
         rows.append(entry)
-    return {"curve": eq, "lambdas": lambdas, "fp32": fp32, "rows": rows,
+    return {"curve": eq, "partner": partner, "lambdas": lambdas, "fp32": fp32, "rows": rows,
             "label": "per point (one model per curve at each lambda): PSNR change dB, bpp change %"}
 
 

@@ -17,7 +17,7 @@ from lic_deploy.bench.compare import ANCHOR, BASE, TEST, analyse
 from lic_deploy.bench.latency import format_table
 from lic_deploy.bench.runner import STEPS
 
-COLOURS = {BASE: "tab:blue", TEST: "tab:orange", f"{BASE}-eq": "tab:green"}
+COLOURS = {BASE: "tab:blue", TEST: "tab:orange", f"{BASE}-eq": "tab:green", f"{TEST}-eq": "tab:red"}
 
 
 def _num(v: Any, fmt: str = ".4g") -> str:
@@ -76,14 +76,15 @@ def _headline(an: Mapping[str, Any]) -> list[str]:
 
 def _equal_quality(eq: Mapping[str, Any] | None) -> list[str]:
     if not eq:
-        return ["## At equal FP32 quality", "", f"No equal-quality {BASE} model (metadata `equal_quality` or a name "
+        return ["## At equal FP32 quality", "", "No equal-quality model (metadata `equal_quality` or a name "
                 "containing `-eq-`) was benchmarked.", ""]
     curves = [c for c in (eq["curve"], TEST, BASE) if c in eq["fp32"]]
     fp32 = [[c, p["model"], _num(p["steps"]), f"{p['lmbda']:g}", p["bpp"], p["psnr"]]
             for c in curves for p in eq["fp32"][c]]
     rows = [[r["variant"], *[_points(r[c]) or "–" for c in curves]] for r in eq["rows"]]
     return ["## At equal FP32 quality", "",
-            f"{eq['curve']} was trained on until its FP32 quality matched {TEST}'s; {eq['label']}.", "",
+            f"{eq['curve']} was trained until its validation loss reached {eq['partner']}'s final one, so it "
+            f"matches {eq['partner']} in FP32 quality; {eq['label']}.", "",
             format_table(["curve", "model", "steps", "λ", "FP32 bpp", "FP32 PSNR dB"], fp32), "",
             format_table(["variant", *curves], rows), ""]
 

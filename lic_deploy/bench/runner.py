@@ -55,7 +55,7 @@ class BenchOptions:
     calib_size: int = 256
     labels: Mapping[str, str] = field(default_factory=dict)
     outlier_images: int = 2  # images for the outlier statistics; 0 = skip them
-    fallback_target: float | None = None  # percent: also bench INT8 with automatic FP32 fallback
+    fallback_target: float | None = None  # percent: also bench INT8 with automatic FP32 fallback (first method)
 
 
 @dataclass
@@ -153,7 +153,7 @@ def plan_variants(model: Model, opts: BenchOptions) -> dict[Variant, str | None]
             elif backend not in FLOAT_ONLY_BACKENDS:
                 for m in opts.calib_methods:
                     out[Variant(backend, p, m)] = f"{model.name}.{m}"
-                    if opts.fallback_target is not None:
+                    if opts.fallback_target is not None and m == opts.calib_methods[0]:
                         out[Variant(backend, p, m, True)] = f"{model.name}.{m}.fb"
     return out
 

@@ -49,6 +49,7 @@ class TrainConfig:
     resume: str | None = None
     threads: int | None = None
     limit: int | None = None  # use only the first `limit` training images (tests)
+    until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
 
 
 def rd_loss(out: dict[str, Any], x: Any, lmbda: float) -> tuple[Any, Any, Any]:
@@ -106,6 +107,8 @@ def _check(cfg: TrainConfig) -> None:
         raise DataError(f"training data folder {cfg.data} does not exist")
     if cfg.val and not Path(cfg.val).is_dir():
         raise DataError(f"validation folder {cfg.val} does not exist")
+    if cfg.until_val_loss is not None and not cfg.val:
+        raise LicError("--until-val-loss needs --val (a validation folder)")
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
@@ -206,8 +209,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
                         bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", psnr=f"{row['val_psnr']:.2f}")
                 log.write(json.dumps({"step": done, "seconds": round(seconds, 3), "lr": lr_at(step), **row}) + "\n")
                 log.flush()
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            reached = cfg.until_val_loss is not None and row.get("val_loss", math.inf) <= cfg.until_val_loss
+            if done % cfg.ckpt_every == 0 or done == cfg.steps or reached:
                 save(done)
+            if reached:
+                break
     if bar is not None:
         bar.close()
     if start >= cfg.steps:
