@@ -135,6 +135,13 @@ def _calib(args: argparse.Namespace) -> int:
     return 0
 
 
+def _two_widths(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected two positive integers A,B, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def _train(args: argparse.Namespace) -> int:
     from lic_deploy.train.loop import TrainConfig, train
 
@@ -143,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
                       steps=args.steps, batch=args.batch, patch=args.patch, downscale=args.downscale or None,
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
-                      resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss)
+                      resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
+                      context_widths=args.context_widths)
     path = train(cfg)
     print(f"wrote {path} and {path}.jsonl")
     return 0
@@ -311,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="checkpoint path to write")
     p.add_argument("--arch", choices=sorted(REGISTRY), default="mbt2018-mean")
     p.add_argument("--N", type=_positive, default=64, help="channels of the hyper-latent / transforms (64)")
-    p.add_argument("--M", type=_positive, default=96, help="channels of the latent y (96)")
+    p.add_argument("--M", type=_positive, default=96, help="channels of the latent y (96; ELIC needs M > 128)")
+    p.add_argument("--context-widths", type=_two_widths, metavar="A,B",
+                   help="ELIC: hidden widths of the channel-context networks (default CompressAI's 224,128)")
     p.add_argument("--optimizer", choices=("soap", "adam"), default="soap")
     p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (0.013)")
     p.add_argument("--val", help="validation image folder (for example Kodak)")

@@ -36,6 +36,19 @@ def write_images(folder: Path, sizes: list[tuple[int, int]], seed: int = 0) -> l
     return paths
 
 
+class Perturbed:
+    """An engine whose outputs carry relative noise of `eps` (another GPU, another library version)."""
+
+    def __init__(self, inner: object, eps: float, seed: int) -> None:
+        self.inner, self.eps = inner, eps
+        self.rng = np.random.default_rng(seed)
+        self.name, self.precision = "perturbed", "fp32"
+
+    def run(self, stage: str, x: np.ndarray) -> np.ndarray:
+        y = self.inner.run(stage, x)
+        return (y * (1 + self.eps * self.rng.standard_normal(y.shape))).astype(np.float32)
+
+
 @pytest.fixture(scope="session")
 def ckpt_mbt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """mbt2018-mean N=128, M=192 with random weights, as a raw state dict."""

@@ -16,6 +16,7 @@ from lic_deploy.runtime.codec import Codec, decode, encode
 from lic_deploy.runtime.engines import create_engine
 from lic_deploy.runtime.images import load_rgb, psnr, to_uint8
 from lic_deploy.runtime.package import Package
+from tests.conftest import Perturbed
 
 ENGINES = {  # name -> (backend, precision, threads)
     "torch-fp32": ("torch", "fp32", 1),
@@ -64,19 +65,6 @@ def test_cross_backend_bit_exact(codecs: dict[str, Codec], image: np.ndarray) ->
             assert np.array_equal(out.image, dec.reconstruct(y_enc, *image.shape[1:])), (enc_name, dec_name)
         images = [codecs[n].decode(data).image for n in ("ort-fp32", "ort-fp32")]
         assert np.array_equal(images[0], images[1])
-
-
-class Perturbed:
-    """An engine whose outputs carry relative noise of `eps` (another GPU, another library version)."""
-
-    def __init__(self, inner: object, eps: float, seed: int) -> None:
-        self.inner, self.eps = inner, eps
-        self.rng = np.random.default_rng(seed)
-        self.name, self.precision = "perturbed", "fp32"
-
-    def run(self, stage: str, x: np.ndarray) -> np.ndarray:
-        y = self.inner.run(stage, x)
-        return (y * (1 + self.eps * self.rng.standard_normal(y.shape))).astype(np.float32)
 
 
 def test_perturbed_transforms_change_nothing_in_decodability(package_mbt: Path, image: np.ndarray) -> None:

@@ -181,6 +181,8 @@ def test_bad_arguments(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFi
         (_args(tiny_data, tmp_path / "x.pt", "--patch", "100"), "multiple of 64"),
         (_args(tiny_data, tmp_path / "x.pt", "--optimizer", "sgd"), "invalid choice"),
         (_args(tiny_data, tmp_path / "x.pt", "--until-val-loss", "2"), "needs --val"),
+        (_args(tiny_data, tmp_path / "x.pt", "--context-widths", "8,8"), "elic only"),
+        (_args(tiny_data, tmp_path / "x.pt", "--context-widths", "8"), "two positive integers"),
     ]
     for args, needle in cases:
         try:
@@ -216,3 +218,18 @@ def test_convergence_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n')
     assert main(["convergence", "--adam", str(tmp_path / "bad.jsonl"), "--soap", str(soap), "-o",
                  str(tmp_path / "x")]) == 2
+
+
+def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path: Path) -> None:
+    from lic_deploy.archs.checkpoint import load_model
+
+    for opt in ("soap", "adam"):
+        out = tmp_path / f"elic-{opt}.pt"
+        args = _args(tiny_data, out, "--optimizer", opt, "--steps", "3", "--arch", "elic", "--M", "160",
+                     "--context-widths", "16,16")
+        assert main(args) == 0
+        loaded = load_model(out)
+        assert loaded.arch == "elic" and loaded.config == {"N": 8, "M": 160, "cc1": 16, "cc2": 16}
+        assert loaded.metadata["steps"] == 3 and loaded.metadata["optimizer"] == opt
+    code = main(_args(tiny_data, tmp_path / "bad.pt", "--arch", "elic", "--M", "96", "--steps", "1"))
+    assert code == 2 and not (tmp_path / "bad.pt").exists()

@@ -31,7 +31,8 @@ class CodecSpec:
 
     Invariants: image height and width are padded to `pad_multiple` pixels; y has `y_channels` channels at
     1/`y_stride` resolution, z has `z_channels` at 1/`z_stride`; `hs_net` is the torch h_s as a flat
-    Sequential, whose output holds the Gaussian scales (and then the means when `has_means`).
+    Sequential, whose output holds the Gaussian scales (and then the means when `has_means`), or, with a
+    `context` (ELIC), the side parameters that the context networks aggregate.
     """
 
     arch: str
@@ -45,6 +46,7 @@ class CodecSpec:
     has_means: bool
     hs_net: torch.nn.Sequential
     tables: dict[str, np.ndarray] = field(default_factory=dict)
+    context: Any = None  # ELIC: the channel/spatial context networks (`lic_deploy.archs.elic.ContextSpec`)
 
     def example_input(self, stage: str, height: int = 256, width: int = 256) -> torch.Tensor:
         """A random input for `stage` of an image of height x width pixels (both multiples of pad_multiple)."""

@@ -27,13 +27,13 @@ def _abs_then(module: Any) -> Any:
     return AbsThen(module)
 
 
-def entropy_tables(model: Any) -> dict[str, np.ndarray]:
-    """The integer CDF tables of CompressAI's entropy models, after `model.update(force=True)`.
+def entropy_tables(eb: Any, gc: Any) -> dict[str, np.ndarray]:
+    """The integer CDF tables of CompressAI's entropy bottleneck `eb` and Gaussian conditional `gc`, after
+    the model's `update(force=True)`.
 
     `z_*`: the factorized bottleneck, one table per z channel, symbol = round(z - z_median[c]).
     `y_*`: the Gaussian conditional, one table per scale-table entry. CDFs are 16-bit (sum 2**16).
     """
-    eb, gc = model.entropy_bottleneck, model.gaussian_conditional
     return {
         "z_cdf": eb._quantized_cdf.numpy().astype(np.int32),
         "z_cdf_length": eb._cdf_length.numpy().astype(np.int32),
@@ -95,7 +95,7 @@ class HyperpriorAdapter:
             z_stride=64,
             has_means=self.has_means,
             hs_net=torch.nn.Sequential(*model.h_s),
-            tables=entropy_tables(model),
+            tables=entropy_tables(model.entropy_bottleneck, model.gaussian_conditional),
         )
 
 

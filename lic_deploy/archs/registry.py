@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from lic_deploy.archs.base import Adapter
+from lic_deploy.archs.elic import ADAPTERS as ELIC
 from lic_deploy.archs.hyperprior import ADAPTERS as HYPERPRIOR
 from lic_deploy.errors import CheckpointError
 
-REGISTRY: dict[str, Adapter] = {a.name: a for a in HYPERPRIOR}
+REGISTRY: dict[str, Adapter] = {a.name: a for a in (*HYPERPRIOR, *ELIC)}
 
 
 def get_adapter(name: str) -> Adapter:

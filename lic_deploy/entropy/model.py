@@ -32,20 +32,45 @@ def hs_input(z_sym: np.ndarray, median_fp: np.ndarray, z_frac_bits: int) -> np.n
 
 @dataclass
 class Coded:
-    """The three payload streams of one image and the latents both sides agree on."""
+    """The payload streams of one image (z, one or more y streams, escapes) and the latents both sides agree on."""
 
     z_stream: bytes
-    y_stream: bytes
+    y_streams: list[bytes]
     escapes: bytes
     y_hat: np.ndarray  # float32 [M, H/16, W/16], exactly what the decoder reconstructs
 
+    @property
+    def streams(self) -> list[bytes]:
+        """In container order: z, y..., escapes."""
+        return [self.z_stream, *self.y_streams, self.escapes]
+
+
+def open_entropy_model(arrays: Mapping[str, np.ndarray]) -> EntropyModel:
+    """The entropy model a package's entropy.npz describes: hyperprior (`EntropyModel`) or ELIC."""
+    if _read_meta(arrays).get("kind", "hyperprior") == "elic":
+        from lic_deploy.entropy.elic import ElicEntropyModel
+
+        return ElicEntropyModel(arrays)
+    return EntropyModel(arrays)
+
+
+def _read_meta(arrays: Mapping[str, np.ndarray]) -> dict:
+    try:
+        meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PackageError(f"entropy model has no readable metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise PackageError("entropy model metadata is not a JSON object")
+    return meta
+
 
 class EntropyModel:
-    """Built from a package's entropy.npz arrays (no torch)."""
+    """The hyperprior family's model, built from a package's entropy.npz arrays (no torch). Subclasses change
+    how y is coded (`n_y_streams`, `encode_y`, `decode_y`); z coding and the tables are shared."""
 
     def __init__(self, arrays: Mapping[str, np.ndarray]) -> None:
+        meta = _read_meta(arrays)
         try:
-            meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
             self.z_frac_bits = int(meta["z_frac_bits"])
             self.param_frac_bits = int(meta["param_frac_bits"])
             self.has_means = bool(meta["has_means"])
@@ -57,24 +82,27 @@ class EntropyModel:
         except (KeyError, ValueError, TypeError) as exc:
             raise PackageError(f"entropy model is incomplete or malformed ({exc})") from None
         self.hs = IntNet.from_arrays(arrays, "hs.")
-        out = self.y_channels * (2 if self.has_means else 1)
         if (self.median_fp.shape != (self.z_channels,) or len(self.z_coder.models) != self.z_channels
-                or len(self.y_coder.models) != self.thresholds.size + 1 or self.hs.out_channels != out
+                or len(self.y_coder.models) != self.thresholds.size + 1 or self.hs.out_channels != self.hs_out
                 or self.hs.in_channels != self.z_channels or np.any(np.diff(self.thresholds) < 0)):
             raise PackageError("entropy model arrays are inconsistent with each other")
+
+    n_y_streams = 1
+
+    @property
+    def n_streams(self) -> int:
+        """Payload streams in a .lic file of this model: z, the y streams, escapes."""
+        return self.n_y_streams + 2
+
+    @property
+    def hs_out(self) -> int:
+        """Output channels of the integer h_s."""
+        return self.y_channels * (2 if self.has_means else 1)
 
     def z_symbols(self, z: np.ndarray) -> np.ndarray:
         """Float z [N, h, w] -> int64 symbols round(z - z_median), on the fixed-point median."""
         med = self.median_fp.astype(np.float64)[:, None, None] / (1 << self.z_frac_bits)
         return np.floor(z.astype(np.float64) - med + 0.5).astype(np.int64)
-
-    def params(self, z_sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """z symbols -> (table index int64 [M, H, W], mean_fp int64 [M, H, W], zeros without means)."""
-        out = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
-        m = self.y_channels
-        index = np.searchsorted(self.thresholds, out[:m], side="left")
-        mean_fp = out[m:] if self.has_means else np.zeros_like(out[:m])
-        return index.astype(np.int64), mean_fp
 
     def y_hat(self, y_sym: np.ndarray, mean_fp: np.ndarray) -> np.ndarray:
         """Exact reconstruction y_sym + mean_fp / 2**param_frac_bits as float32."""
@@ -87,22 +115,49 @@ class EntropyModel:
         z_sym = self.z_symbols(z)
         channel = np.broadcast_to(np.arange(self.z_channels)[:, None, None], z_sym.shape)
         z_stream = self.z_coder.encode(z_sym, channel, escapes)
-        index, mean_fp = self.params(z_sym)
-        if index.shape != y.shape:
-            raise ValueError(f"y has shape {y.shape}, h_s predicts {index.shape}")
-        mean = mean_fp.astype(np.float64) / (1 << self.param_frac_bits)
-        y_sym = np.floor(y.astype(np.float64) - mean + 0.5).astype(np.int64)
-        y_stream = self.y_coder.encode(y_sym, index, escapes)
-        return Coded(z_stream, y_stream, encode_escapes(escapes), self.y_hat(y_sym, mean_fp))
+        side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
+        if side.shape[1:] != y.shape[1:] or y.shape[0] != self.y_channels:
+            raise ValueError(f"y has shape {y.shape}, h_s predicts {side.shape[1:]} for {self.y_channels} channels")
+        y_streams, y_hat = self.encode_y(y, side, escapes)
+        return Coded(z_stream, y_streams, encode_escapes(escapes), y_hat)
 
-    def decode(self, z_stream: bytes, y_stream: bytes, escapes: bytes, z_shape: tuple[int, int]) -> np.ndarray:
-        """Payload streams and the z grid (h, w) -> y_hat float32 [M, 4h, 4w]. BitstreamError when malformed."""
-        reader = EscapeReader(escapes)
+    def decode(self, streams: list[bytes], z_shape: tuple[int, int]) -> np.ndarray:
+        """Payload streams (z, y..., escapes) and the z grid (h, w) -> y_hat float32 [M, 4h, 4w].
+        BitstreamError when malformed."""
+        reader = EscapeReader(streams[-1])
         channel = np.broadcast_to(np.arange(self.z_channels)[:, None, None], (self.z_channels, *z_shape))
-        z_sym = self.z_coder.decode(z_stream, channel, reader)
+        z_sym = self.z_coder.decode(streams[0], channel, reader)
         if np.abs(z_sym).max(initial=0) > IN_MAX:
             raise BitstreamError("decoded hyper-latent is out of range")
-        index, mean_fp = self.params(z_sym)
-        y_sym = self.y_coder.decode(y_stream, index, reader)
+        side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
+        y_hat = self.decode_y(streams[1:-1], side, reader)
         reader.finish()
-        return self.y_hat(y_sym, mean_fp)
+        return y_hat
+
+    def y_symbols(self, y: np.ndarray, mean_fp: np.ndarray) -> np.ndarray:
+        """floor(y - mean + 1/2) as int64 (the encoder's quantization)."""
+        mean = mean_fp.astype(np.float64) / (1 << self.param_frac_bits)
+        return np.floor(y.astype(np.float64) - mean + 0.5).astype(np.int64)
+
+    def table_index(self, scale_fp: np.ndarray) -> np.ndarray:
+        """Fixed-point scales -> CDF table indexes (CompressAI's `build_indexes`)."""
+        return np.searchsorted(self.thresholds, scale_fp, side="left").astype(np.int64)
+
+    def encode_y(self, y: np.ndarray, side: np.ndarray, escapes: list[int]) -> tuple[list[bytes], np.ndarray]:
+        """y [M, H, W] and the h_s output -> (y streams, y_hat)."""
+        index, mean_fp = self._params(side)
+        y_sym = self.y_symbols(y, mean_fp)
+        return [self.y_coder.encode(y_sym, index, escapes)], self.y_hat(y_sym, mean_fp)
+
+    def decode_y(self, streams: list[bytes], side: np.ndarray, reader: EscapeReader) -> np.ndarray:
+        index, mean_fp = self._params(side)
+        return self.y_hat(self.y_coder.decode(streams[0], index, reader), mean_fp)
+
+    def params(self, z_sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """z symbols -> (table index int64 [M, H, W], mean_fp int64 [M, H, W], zeros without means)."""
+        return self._params(self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits)))
+
+    def _params(self, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        m = self.y_channels
+        mean_fp = side[m:] if self.has_means else np.zeros_like(side[:m])
+        return self.table_index(side[:m]), mean_fp

@@ -36,27 +36,55 @@ def build_intnet(
     +-(2**(act_bits-1) - 1). Output channel o of the last layer has scale 2**-out_frac_bits[o], clipped to
     int32. ValueError for unsupported modules or when a scale ratio or bound cannot be represented.
     """
+    n_in = _parse(net)[0][0].in_channels
+    out = np.asarray(out_frac_bits)
+    if not np.issubdtype(out.dtype, np.integer):
+        raise ValueError("out_frac_bits must be an integer array")
+    return build_scaled_intnet(net, calib_inputs, in_scale=np.full(n_in, 2.0**-in_frac_bits), in_max=in_max,
+                               act_bits=act_bits, out_scale=np.exp2(-out.astype(np.float64)))[0]
+
+
+def build_scaled_intnet(
+    net: nn.Sequential,
+    calib_inputs: Sequence[torch.Tensor],
+    *,
+    in_scale: np.ndarray,
+    in_max: int,
+    act_bits: int,
+    out_scale: np.ndarray | None,
+) -> tuple[IntNet, float]:
+    """`build_intnet` with a scale per input channel and, optionally, a calibrated output.
+
+    Input channel c of the integer net means x_int[c] * in_scale[c] (a concatenation of tensors quantized with
+    different scales); the scales are folded into the first layer's float weights before they are quantized.
+    `out_scale` gives the last layer's scale per output channel (outputs clipped to int32); None makes the
+    output an activation like the intermediate ones (per-tensor calibrated scale, clipped to +-(2**(act_bits-1)
+    - 1)). Returns (net, the output's per-tensor scale, or 0.0 when `out_scale` was given).
+    """
     if act_bits not in (8, 16):
         raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
     stages = _parse(net)
     act_amax = _calibrate(stages, calib_inputs)
     qmax = 2 ** (act_bits - 1) - 1
-    out_frac = np.asarray(out_frac_bits)
-    n_last = stages[-1][0].out_channels
-    if out_frac.shape != (n_last,) or not np.issubdtype(out_frac.dtype, np.integer):
-        raise ValueError(f"out_frac_bits must be an integer array of shape ({n_last},)")
+    n_first, n_last = stages[0][0].in_channels, stages[-1][0].out_channels
+    fold = np.asarray(in_scale, dtype=np.float64)
+    if fold.shape != (n_first,) or not (np.isfinite(fold) & (fold > 0)).all():
+        raise ValueError(f"in_scale must hold {n_first} positive scales")
+    if out_scale is not None and np.shape(out_scale) != (n_last,):
+        raise ValueError(f"out_scale must have shape ({n_last},)")
 
-    s_in = 2.0**-in_frac_bits  # scale of the current layer's input (per-tensor)
-    layer_in_max = in_max
+    s_in, layer_in_max, feature_scale = 1.0, in_max, 0.0  # the first layer's input scale is folded in
     layers = []
     for i, (conv, act) in enumerate(stages):
-        if i == len(stages) - 1:
-            s_out = np.exp2(-out_frac.astype(np.float64))
+        last = i == len(stages) - 1
+        if last and out_scale is not None:
+            s_out = np.asarray(out_scale, dtype=np.float64)
             out_min, out_max = INT32_MIN, INT32_MAX
         else:
             s_out = np.full(conv.out_channels, (act_amax[i] if act_amax[i] > 0 else 1.0) / qmax)
             out_min, out_max = -qmax, qmax
-        weight, s_w = _quantize_weight(conv)
+            feature_scale = float(s_out[0])
+        weight, s_w = _quantize_weight(conv, fold if i == 0 else None)
         bias = _quantize_bias(conv, s_in * s_w)
         mult, shift = _multipliers(s_in * s_w / s_out)
         layers.append(
@@ -76,7 +104,7 @@ def build_intnet(
             )
         )
         s_in, layer_in_max = float(s_out[0]), qmax
-    return IntNet(layers, in_max)
+    return IntNet(layers, in_max), (0.0 if out_scale is not None else feature_scale)
 
 
 def _parse(net: nn.Sequential) -> list[tuple[_Conv, _Act | None]]:
@@ -126,10 +154,15 @@ def _calibrate(stages: list[tuple[_Conv, _Act | None]], calib_inputs: Sequence[t
     return amax
 
 
-def _quantize_weight(conv: _Conv) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weight (torch layout) and per-output-channel scale s_w = max|w_o| / 127 (1 for zero channels)."""
+def _quantize_weight(conv: _Conv, in_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weight (torch layout) and per-output-channel scale s_w = max|w_o| / 127 (1 for zero channels),
+    of the weight times `in_scale` per input channel when given."""
     w = conv.weight.detach().cpu().double().numpy()
     out_axis = 0 if isinstance(conv, nn.Conv2d) else 1
+    if in_scale is not None:
+        shape = [1, 1, 1, 1]
+        shape[1 - out_axis] = -1
+        w = w * in_scale.reshape(shape)
     other = tuple(d for d in range(4) if d != out_axis)
     amax = np.abs(w).max(axis=other)
     s_w = np.where(amax > 0, amax / WEIGHT_QMAX, 1.0)

@@ -28,7 +28,7 @@ from lic_deploy.export.onnx_export import (
 from lic_deploy.export.quantize import INT8_VARIANTS, activation_ranges, convert_fp16, quantize_int8
 from lic_deploy.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_sha256, fingerprint
 
-STAGE_ORDER = ("g_a", "h_a", "h_s", "g_s")
+STAGE_ORDER = ("g_a", "h_a", "h_s", "g_s")  # the stages every architecture has, exported in every precision
 
 
 @dataclass
@@ -58,19 +58,24 @@ def _verification_image() -> np.ndarray:
 
 
 def stage_inputs(spec: Any, image: np.ndarray) -> dict[str, np.ndarray]:
-    """The float input of every stage for one padded image [1, 3, H, W], by the torch reference path."""
+    """The float input of every stage for one padded image [1, 3, H, W], by the torch reference path.
+    (ELIC's context stages: their first input; `agg{k}` that of the non-anchor pass.)"""
     import torch
 
     model_pieces = {k: deployable(s.module) for k, s in spec.stages.items()}
     y = torch_run(model_pieces["g_a"], image)
     z = torch_run(model_pieces["h_a"], y)
     med = spec.tables["z_median"].astype(np.float32).reshape(1, -1, 1, 1)
-    z_hat = np.round(z - med) + med
+    z_hat = (np.round(z - med) + med).astype(np.float32)
     params = torch_run(model_pieces["h_s"], z_hat)
+    inputs = {"g_a": image, "h_a": y, "h_s": z_hat}
+    if spec.context is not None:
+        from lic_deploy.archs.elic import reference_pass
+
+        y_hat, seen = reference_pass(spec.context, torch.from_numpy(y), torch.from_numpy(params))
+        return inputs | {k: v[-1].numpy() for k, v in seen.items()} | {"g_s": y_hat.numpy()}
     means = params[:, spec.y_channels:] if spec.has_means else 0.0
-    y_hat = (np.round(y - means) + means).astype(np.float32)
-    del torch
-    return {"g_a": image, "h_a": y, "h_s": z_hat.astype(np.float32), "g_s": y_hat}
+    return inputs | {"g_s": (np.round(y - means) + means).astype(np.float32)}
 
 
 def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arch: str | None = None,
@@ -110,8 +115,7 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         stages: dict[str, Any] = {}
-        for name in STAGE_ORDER:
-            stage = spec.stages[name]
+        for name, stage in spec.stages.items():
             module = deployable(stage.module)
             fp32 = tmp / f"{name}.fp32.onnx"
             export_onnx(module, spec.example_input(name), fp32)
@@ -123,7 +127,7 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
                 raise PackageError(f"stage {name}: ONNX Runtime differs from PyTorch by {err:.2e} "
                                    f"(tolerance {FP32_TOLERANCE:.0e}); the export is wrong")
             files: dict[str, Any] = {"fp32": {"file": fp32.name, "rel_error": err}}
-            for precision in precisions[1:]:
+            for precision in precisions[1:] if name in STAGE_ORDER else ():  # ELIC's context nets: FP32 only
                 path = tmp / f"{name}.{precision}.onnx"
                 if precision == "fp16":
                     convert_fp16(fp32, path)
@@ -140,7 +144,7 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             stages[name] = {"in_channels": stage.in_channels, "out_channels": stage.out_channels,
                             "stride": stage.stride, "files": files}
 
-        arrays, entropy_info = build_entropy(spec, [c["h_s"] for c in calib_inputs], act_bits=opts.entropy_act_bits)
+        arrays, entropy_info = build_entropy(spec, calib_inputs, act_bits=opts.entropy_act_bits)
         np.savez(tmp / "entropy.npz", **arrays)
         fallback = None
         if lmbda is not None:

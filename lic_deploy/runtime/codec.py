@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS, MODE_GRAY, MODE_RGB, Header, pack, unpack
-from lic_deploy.entropy.model import EntropyModel
+from lic_deploy.entropy.model import EntropyModel, open_entropy_model
 from lic_deploy.errors import BitstreamError, DataError
 from lic_deploy.runtime.engines import Engine, create_engine
 from lic_deploy.runtime.images import load_rgb, pad_to_multiple, to_uint8
 from lic_deploy.runtime.package import Package
-
-N_STREAMS = 3  # z, y, escapes
-
 
 @dataclass
 class Decoded:
@@ -49,7 +46,7 @@ class Codec:
     @property
     def entropy(self) -> EntropyModel:
         if self._entropy is None:
-            self._entropy = EntropyModel(self.package.entropy)
+            self._entropy = open_entropy_model(self.package.entropy)
         return self._entropy
 
     def _tick(self, name: str, t0: float) -> float:
@@ -74,7 +71,7 @@ class Codec:
         coded = self.entropy.encode(y[0], z[0])
         t = self._tick("entropy", t)
         header = Header(self.package.fingerprint, h, w, MODE_GRAY if grey else MODE_RGB, pb, pr)
-        return pack(header, [coded.z_stream, coded.y_stream, coded.escapes]), coded.y_hat
+        return pack(header, coded.streams), coded.y_hat
 
     def encode_file(self, path: str | os.PathLike) -> bytes:
         image, grey = load_rgb(path)
@@ -83,13 +80,13 @@ class Codec:
     def decode_latents(self, data: bytes) -> tuple[Header, np.ndarray]:
         """Parse and entropy-decode: (header, y_hat float32 [M, H/16, W/16]). BitstreamError when malformed."""
         geometry = self.package.geometry
-        header, (z_stream, y_stream, escapes) = unpack(
+        header, streams = unpack(
             data, fingerprint=self.package.fingerprint, pad_multiple=int(geometry["pad_multiple"]),
-            max_pixels=self.max_pixels, n_streams=N_STREAMS)
+            max_pixels=self.max_pixels, n_streams=self.entropy.n_streams)
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
         z_stride = int(geometry["z_stride"])
         t = time.perf_counter()
-        y_hat = self.entropy.decode(z_stream, y_stream, escapes, (hp // z_stride, wp // z_stride))
+        y_hat = self.entropy.decode(streams, (hp // z_stride, wp // z_stride))
         self._tick("entropy", t)
         return header, y_hat
 

@@ -50,6 +50,14 @@ class TrainConfig:
     threads: int | None = None
     limit: int | None = None  # use only the first `limit` training images (tests)
     until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
+    context_widths: tuple[int, int] | None = None  # ELIC: channel-context hidden widths (None: CompressAI's)
+
+    def arch_config(self) -> dict[str, int]:
+        """The architecture config the model is built from and saved with."""
+        config = {"N": self.N, "M": self.M}
+        if self.context_widths:
+            config |= {"cc1": self.context_widths[0], "cc2": self.context_widths[1]}
+        return config
 
 
 def rd_loss(out: dict[str, Any], x: Any, lmbda: float) -> tuple[Any, Any, Any]:
@@ -107,6 +115,8 @@ def _check(cfg: TrainConfig) -> None:
         raise DataError(f"training data folder {cfg.data} does not exist")
     if cfg.val and not Path(cfg.val).is_dir():
         raise DataError(f"validation folder {cfg.val} does not exist")
+    if cfg.context_widths and cfg.arch != "elic":
+        raise LicError("--context-widths applies to --arch elic only")
     if cfg.until_val_loss is not None and not cfg.val:
         raise LicError("--until-val-loss needs --val (a validation folder)")
 
@@ -129,7 +139,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     dataset = cached_dataset(str(cfg.data), cfg.patch, cfg.downscale, cfg.limit)
     val = _val_images(cfg.val, cfg.val_count) if cfg.val else []
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
-    model = get_adapter(cfg.arch).build({"N": cfg.N, "M": cfg.M})
+    try:
+        model = get_adapter(cfg.arch).build(cfg.arch_config())
+    except ValueError as exc:  # an impossible width for the architecture
+        raise LicError(str(exc)) from None
     params, aux_params = split_parameters(model)
     opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
@@ -146,7 +159,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             "data_images": len(dataset), "config": asdict(cfg)}
 
     def save(step: int) -> None:
-        save_checkpoint(out, model, cfg.arch, {"N": cfg.N, "M": cfg.M},
+        save_checkpoint(out, model, cfg.arch, cfg.arch_config(),
                         {**meta, "steps": step, "seconds": round(seconds, 2)},
                         optimizer=opt.state_dict(), aux_optimizer=aux_opt.state_dict())
 
