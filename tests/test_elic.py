@@ -64,7 +64,7 @@ def test_cross_backend_bit_exact(package_elic: Path, image: np.ndarray) -> None:
     streams = {name: c.encode_array(image) for name, c in codecs.items()}
     assert len({data for data, _ in streams.values()}) > 1
     for enc_name, (data, y_enc) in streams.items():
-        header, parts = unpack(data)
+        _, parts = unpack(data)
         assert len(parts) == 12  # z, 5 groups x (anchors, non-anchors), escapes
         for dec_name, dec in codecs.items():
             assert np.array_equal(dec.decode(data).y_hat, y_enc), (enc_name, dec_name)

@@ -24,6 +24,7 @@ from lic_deploy.runtime.engines import Engine, create_engine
 from lic_deploy.runtime.images import load_rgb, pad_to_multiple, to_uint8
 from lic_deploy.runtime.package import Package
 
+
 @dataclass
 class Decoded:
     image: np.ndarray  # uint8 [H, W, 3], or [H, W] when the source was greyscale
