@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
+RUNS   ?= $(or $(LIC_DEPLOY_RUNS),../lic-runs)
 
-.PHONY: demo test lint bench bench-convergence bench-export bench-codec bench-runtime clean
+.PHONY: demo test lint bench bench-convergence bench-export bench-codec bench-elic bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,12 +46,24 @@ bench-convergence: $(STAMP)
 
 # The model set itself (about 3 hours on 2 cores; resumable: rerun to continue).
 models: $(STAMP)
-	$(PY) -m lic_deploy.train.model_set --data $(DATA)/train --val $(DATA)/kodak --models models
+	$(PY) -m lic_deploy.train.model_set --data $(DATA)/train --val $(DATA)/kodak --runs $(RUNS) --models models
 
 # The integer entropy model and the codec against CompressAI's float path, on the shipped Adam models.
 bench-codec: $(STAMP)
 	$(PY) -m lic_deploy.bench.codec_bench models/mbt-adam-0.0035.safetensors models/mbt-adam-0.0067.safetensors \
 		models/mbt-adam-0.013.safetensors models/mbt-adam-0.025.safetensors --data $(DATA)/kodak --out $(OUT)/bench-codec
+
+# A small ELIC pair (N=32, M=160, SOAP and Adam, 300 steps at lambda 0.013; about 15 min on 2 cores, resumable),
+# then its integer entropy path and codec timing against CompressAI's compress/decompress on Kodak.
+ELIC_TRAIN = --arch elic --N 32 --M 160 --context-widths 32,32 --lmbda 0.013 --data $(DATA)/train \
+	--val $(DATA)/kodak --val-count 2 --steps 300 --batch 4 --patch 128 --threads 1 --val-every 100 --ckpt-every 100
+bench-elic: $(STAMP)
+	mkdir -p $(RUNS)/elic
+	for opt in soap adam; do ck=$(RUNS)/elic/elic-$$opt-0.013.pt; \
+		$(VENV)/bin/lic-deploy train $(ELIC_TRAIN) --optimizer $$opt -o $$ck $$( [ -f $$ck ] && echo --resume $$ck ) \
+		|| exit 1; done
+	$(PY) -m lic_deploy.bench.codec_bench $(RUNS)/elic/elic-adam-0.013.pt $(RUNS)/elic/elic-soap-0.013.pt \
+		--data $(DATA)/kodak --out $(OUT)/bench-elic
 
 # Install size and start-up time of the runtime layer alone, in a fresh venv.
 bench-runtime: $(STAMP)

@@ -389,7 +389,8 @@ def build_engines(package: Package, precisions: list[str] | tuple[str, ...], pro
     for precision in precisions:
         engine = TensorRTEngine(package, precision, profile=profile, device=device, cache_dir=cache, log=log)
         try:
-            paths += [engine.prepare(stage) for stage in package.manifest["stages"]]
+            paths += [engine.prepare(stage) for stage, entry in package.manifest["stages"].items()
+                      if precision in entry["files"]]  # ELIC's context stages exist in FP32 only
         finally:
             engine.close()
     if profile is not None:
