@@ -116,3 +116,16 @@ def test_reference_pass_is_compressai_compress(ckpt_elic: Path, image: np.ndarra
         y_hat, seen = reference_pass(spec.context, y, hyper.h_s(torch.round(z - med) + med))
     assert torch.allclose(y_hat, out["y_hat"], atol=1e-5)
     assert len(seen["agg0"]) == 2 and "cc0" not in seen and len(seen["cc4"]) == 1
+
+
+def test_elic_goes_through_bench(package_elic: Path, image_dir: Path, tmp_path: Path) -> None:
+    from lic_deploy.bench.runner import BenchOptions, run_bench
+
+    opts = BenchOptions(data=image_dir, out=tmp_path, precisions=("fp32", "int8"), images=1, repeat=1,
+                        outlier_images=1, calib_count=1, calib_size=64, labels={"pkg": "soap:0.013"})
+    results = run_bench([package_elic], opts)
+    assert {s["variant"] for s in results["summaries"]} == {"ort:fp32", "ort:int8:minmax"}
+    assert all(r["bytes"] > 0 and r["psnr"] > 0 for r in results["rows"])
+    (record,) = results["outliers"]
+    names = {layer["name"] for layer in record["layers"]}
+    assert {"y", "z"} <= names and any(n.startswith("g_a.") for n in names)
