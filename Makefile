@@ -45,7 +45,7 @@ bench-convergence: $(STAMP)
 	$(VENV)/bin/lic-deploy convergence --adam models/mbt-adam-0.013.jsonl --soap models/mbt-soap-eq-0.013.jsonl \
 		-o docs/convergence
 
-# The model set itself (about 3 hours on 2 cores; resumable: rerun to continue).
+# The model set itself (about 75 minutes on 2 cores; resumable: rerun to continue).
 models: $(STAMP)
 	$(PY) -m lic_deploy.train.model_set --data $(DATA)/train --val $(DATA)/kodak --runs $(RUNS) --models models
 

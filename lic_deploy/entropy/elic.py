@@ -4,14 +4,15 @@ Coding order (CompressAI's): channel groups in sequence; within a group, anchors
 non-anchors. One range-coded y stream per (group, pass), so 2 * groups y streams; escapes go to the shared
 escape stream in the same order. Per group k and pass:
 
-    C   = cc_k(ctx(y_hat of groups < k))                       (k >= 1; int16 codes, per-tensor scale)
+    C   = cc_k(ctx(y_hat of groups < k))                       (k >= 1; act_bits codes, per-tensor scale)
     S   = 0 for anchors, sp_k(ctx(y_hat of the group's anchors)) for non-anchors
     out = agg_k([S, C, side]) at the pass's positions             (1x1 convs; scales and means, param_frac bits)
 
-`side` is the integer h_s output (int16 codes). y_hat is kept exactly as y_sym * 2**param_frac_bits + mean_fp;
-ctx(v) = clip(v >> (param_frac_bits - ctx_frac_bits), +-IN_MAX) is what the context networks read. The
-aggregation networks take inputs of three scales; `lic_deploy.export.intnet_build.build_scaled_intnet` folds
-the scales into their first layer. Every step is integer arithmetic, so encoder and decoder agree bit for bit.
+`side` is the integer h_s output (act_bits codes: int16 by default). y_hat is kept exactly as
+y_sym * 2**param_frac_bits + mean_fp; ctx(v) = clip(v >> (param_frac_bits - ctx_frac_bits), +-IN_MAX) is what
+the context networks read. The aggregation networks take inputs of three scales;
+`lic_deploy.export.intnet_build.build_scaled_intnet` folds the scales into their first layer. Every step is
+integer arithmetic, so encoder and decoder agree bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from lic_deploy.entropy.bitstream import MAX_STREAMS
 from lic_deploy.entropy.coder import EscapeReader
 from lic_deploy.entropy.intnet import IntNet
 from lic_deploy.entropy.model import IN_MAX, EntropyModel, _read_meta
@@ -50,12 +52,19 @@ class ElicEntropyModel(EntropyModel):
         self.cc = [None, *[IntNet.from_arrays(arrays, f"cc{k}.") for k in range(1, len(self.groups))]]
         self.sp = [IntNet.from_arrays(arrays, f"sp{k}.") for k in range(len(self.groups))]
         self.agg = [IntNet.from_arrays(arrays, f"agg{k}.") for k in range(len(self.groups))]
+        if not self.groups or 2 + 2 * len(self.groups) > MAX_STREAMS:
+            raise PackageError(f"ELIC entropy model: {len(self.groups)} groups do not fit a .lic container")
         if sum(self.groups) != self.y_channels or not 0 <= self.ctx_frac_bits <= self.param_frac_bits or any(
-                self.sp[k].in_channels != g or self.agg[k].out_channels != 2 * g
+                self.sp[k].in_channels != g or self.sp[k].out_channels != 2 * g or self.agg[k].out_channels != 2 * g
+                or min(self.sp[k].in_max, self.agg[k].in_max, self.cc[k].in_max if k else IN_MAX) < IN_MAX
                 or self.agg[k].in_channels != 2 * g * (2 if k else 1) + self.side_channels
                 or (k and (self.cc[k].in_channels != sum(self.groups[:k]) or self.cc[k].out_channels != 2 * g))
                 for k, g in enumerate(self.groups)):
             raise PackageError("ELIC entropy model networks are inconsistent with its groups")
+
+    def params(self, z_sym: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Not defined for ELIC: its y parameters depend on y symbols decoded earlier (use encode_y/decode_y)."""
+        raise TypeError("ELIC's y parameters depend on earlier y symbols; use encode_y/decode_y")
 
     @property
     def n_y_streams(self) -> int:  # type: ignore[override]

@@ -47,10 +47,13 @@ class Coded:
 
 def open_entropy_model(arrays: Mapping[str, np.ndarray]) -> EntropyModel:
     """The entropy model a package's entropy.npz describes: hyperprior (`EntropyModel`) or ELIC."""
-    if _read_meta(arrays).get("kind", "hyperprior") == "elic":
+    kind = _read_meta(arrays).get("kind", "hyperprior")
+    if kind == "elic":
         from lic_deploy.entropy.elic import ElicEntropyModel
 
         return ElicEntropyModel(arrays)
+    if kind != "hyperprior":
+        raise PackageError(f"entropy model kind {kind!r} is not known to this lic-deploy")
     return EntropyModel(arrays)
 
 

@@ -211,12 +211,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
             done = step + 1
             if bar is not None:
                 bar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps or row:
-                if done % cfg.log_every == 0 or done == cfg.steps:
+            log_now = done % cfg.log_every == 0 or done == cfg.steps
+            val_now = bool(val) and (done % cfg.val_every == 0 or done == cfg.steps)  # independent of log_every
+            if log_now or val_now or row:
+                if log_now:
                     row.update({k: float(np.mean([a[i] for a in acc])) for i, k in
                                 enumerate(("train_loss", "train_bpp", "train_mse"))})
                     acc = []
-                if val and (done % cfg.val_every == 0 or done == cfg.steps):
+                if val_now:
                     row.update(validate(model, val, cfg.lmbda))
                     if bar is not None:
                         bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", psnr=f"{row['val_psnr']:.2f}")
