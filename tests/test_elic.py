@@ -129,3 +129,40 @@ def test_elic_goes_through_bench(package_elic: Path, image_dir: Path, tmp_path: 
     (record,) = results["outliers"]
     names = {layer["name"] for layer in record["layers"]}
     assert {"y", "z"} <= names and any(n.startswith("g_a.") for n in names)
+
+
+def test_entropy_model_refuses_inconsistent_arrays(package_elic: Path) -> None:
+    import json
+
+    from lic_deploy.entropy.model import open_entropy_model
+    from lic_deploy.errors import PackageError
+
+    with np.load(package_elic / "entropy.npz", allow_pickle=False) as npz:
+        arrays = dict(npz)
+    meta = json.loads(arrays["meta"].tobytes().decode())
+
+    def with_meta(**changes: object) -> dict[str, np.ndarray]:
+        raw = json.dumps({**meta, **changes}).encode()
+        return {**arrays, "meta": np.frombuffer(raw, dtype=np.uint8)}
+
+    model = open_entropy_model(arrays)
+    assert model.n_streams == 12
+    with pytest.raises(TypeError, match="earlier y symbols"):
+        model.params(np.zeros((1, 2, 2), dtype=np.int64))
+    cases = [(with_meta(kind="tcm"), "not known"), (with_meta(groups=[16, 16, 32, 64, 16]), "inconsistent"),
+             (with_meta(groups=[1] * 8), "do not fit"), (with_meta(groups=None), "incomplete")]
+    for bad, needle in cases:
+        with pytest.raises(PackageError, match=needle):
+            open_entropy_model(bad)
+
+
+def test_int8_entropy_activations_round_trip(ckpt_elic: Path, image: np.ndarray, tmp_path: Path) -> None:
+    """`--entropy-bits 8`: every context network runs on int8 activations and the stream still decodes exactly."""
+    from lic_deploy.export.package_writer import ExportOptions, export_package
+
+    opts = ExportOptions(precisions=("fp32",), calib_count=1, calib_size=128, entropy_act_bits=8)
+    pkg = export_package(ckpt_elic, tmp_path / "pkg8", options=opts, log=lambda _: None)
+    codec = Codec(pkg)
+    assert max(net.layers[-1].bound for net in codec.entropy.sp) == 127
+    data, y_enc = codec.encode_array(image)
+    assert np.array_equal(Codec(pkg, "torch", threads=1).decode(data).y_hat, y_enc)

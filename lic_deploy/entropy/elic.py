@@ -48,15 +48,16 @@ class ElicEntropyModel(EntropyModel):
             self.side_channels = int(meta["side_channels"])
         except (KeyError, ValueError, TypeError) as exc:
             raise PackageError(f"ELIC entropy model metadata is incomplete ({exc})") from None
+        if not self.groups or 2 + 2 * len(self.groups) > MAX_STREAMS:
+            raise PackageError(f"ELIC entropy model: {len(self.groups)} groups do not fit a .lic container")
         super().__init__(arrays)
         self.cc = [None, *[IntNet.from_arrays(arrays, f"cc{k}.") for k in range(1, len(self.groups))]]
         self.sp = [IntNet.from_arrays(arrays, f"sp{k}.") for k in range(len(self.groups))]
         self.agg = [IntNet.from_arrays(arrays, f"agg{k}.") for k in range(len(self.groups))]
-        if not self.groups or 2 + 2 * len(self.groups) > MAX_STREAMS:
-            raise PackageError(f"ELIC entropy model: {len(self.groups)} groups do not fit a .lic container")
         if sum(self.groups) != self.y_channels or not 0 <= self.ctx_frac_bits <= self.param_frac_bits or any(
                 self.sp[k].in_channels != g or self.sp[k].out_channels != 2 * g or self.agg[k].out_channels != 2 * g
-                or min(self.sp[k].in_max, self.agg[k].in_max, self.cc[k].in_max if k else IN_MAX) < IN_MAX
+                or min(self.sp[k].in_max, self.cc[k].in_max if k else IN_MAX) < IN_MAX
+                or self.agg[k].in_max < max(n.layers[-1].bound for n in (self.hs, self.sp[k], self.cc[k] or self.hs))
                 or self.agg[k].in_channels != 2 * g * (2 if k else 1) + self.side_channels
                 or (k and (self.cc[k].in_channels != sum(self.groups[:k]) or self.cc[k].out_channels != 2 * g))
                 for k, g in enumerate(self.groups)):
