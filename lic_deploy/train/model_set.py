@@ -76,13 +76,16 @@ def main() -> None:
     goal = last_row(runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA)}.pt.jsonl", "val_loss")
     name = run_name("soap", EQUAL_QUALITY_LAMBDA, "-eq")
     eq_ckpt = runs / f"{name}.pt"
-    done = last_row(eq_ckpt.with_suffix(".pt.jsonl"), "val_loss")
-    if goal is not None and not (done and done["val_loss"] <= goal["val_loss"]):
+
+    def eq_reached() -> bool:
+        done = last_row(eq_ckpt.with_suffix(".pt.jsonl"), "val_loss")
+        return bool(done and done["val_loss"] <= goal["val_loss"])  # type: ignore[index]
+
+    if goal is not None and not eq_reached():
         cfg = _config(args, runs, name, "soap", EQUAL_QUALITY_LAMBDA, args.steps)
         cfg.val_every, cfg.ckpt_every, cfg.until_val_loss = args.eq_val_every, args.eq_val_every, goal["val_loss"]
         train(cfg)
-        done = last_row(eq_ckpt.with_suffix(".pt.jsonl"), "val_loss")
-        if not (done and done["val_loss"] <= goal["val_loss"]):
+        if not eq_reached():
             print(f"warning: {name} did not reach Adam's validation loss {goal['val_loss']:.4f} within "
                   f"{args.steps} steps; it is published at equal steps instead")
 
