@@ -291,3 +291,22 @@ def test_fallback_needs_lambda(tiny: dict[str, Path], capsys: pytest.CaptureFixt
     code = main(["export", str(tiny["a"]), "--int8", "--fallback", "auto", "-o", str(tiny["root"] / "nolmbda")])
     assert code == 2 and "pass --lmbda" in capsys.readouterr().err.splitlines()[-1]
     assert not (tiny["root"] / "nolmbda").exists()
+
+
+def test_bd_rate_not_computable_is_labelled_not_nan() -> None:
+    """Curves whose PSNR ranges never meet (bjontegaard gives NaN) and a curve whose PSNR does not rise with rate get no
+    BD-rate, a stated reason, and per-point values; the report prints the reason."""
+    from lic_deploy.bench.compare import compare
+    from lic_deploy.bench.report import ptq_cell
+
+    low = {lm: {"bpp": 0.2 * 2**i, "psnr": 21.0 + 0.1 * i} for i, lm in enumerate((1, 2, 3, 4))}
+    high = {lm: {"bpp": 0.2 * 2**i, "psnr": 27.0 + 0.5 * i} for i, lm in enumerate((1, 2, 3, 4))}
+    apart = compare(low, high)
+    assert apart["bd_rate_pct"] is None and "do not overlap" in apart["note"]
+    assert apart["points"][0]["dpsnr_db"] == pytest.approx(6.0)
+    assert ptq_cell(apart).startswith("BD-rate n/a: the curves' PSNR ranges do not overlap; per point: λ 1: +6.000 dB")
+    psnr_bent = (21.0, 21.2, 21.1, 21.3)  # like Adam's curve at 1000 steps
+    bent_curve = {lm: {"bpp": p["bpp"], "psnr": q} for (lm, p), q in zip(low.items(), psnr_bent, strict=True)}
+    bent = compare(low, bent_curve)
+    assert bent["bd_rate_pct"] is None and "does not rise" in bent["note"]
+    assert "nan" not in ptq_cell(bent)

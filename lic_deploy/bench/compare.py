@@ -11,6 +11,7 @@ the bpp change (%), which is what the tables show where a BD-rate is not possibl
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
 from collections.abc import Mapping, Sequence
@@ -54,13 +55,16 @@ def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapp
         try:
             with warnings.catch_warnings(record=True) as caught:  # bjontegaard warns about a small overlap
                 warnings.simplefilter("always")
-                out["bd_rate_pct"] = bd_rate([p["anchor_bpp"] for p in points], [p["anchor_psnr"] for p in points],
-                                             [p["bpp"] for p in points], [p["psnr"] for p in points])
-            out["method"] = "bd-rate (pchip, PSNR)"
+                value = bd_rate([p["anchor_bpp"] for p in points], [p["anchor_psnr"] for p in points],
+                                [p["bpp"] for p in points], [p["psnr"] for p in points])
+            if not math.isfinite(value):  # bjontegaard returns NaN when the PSNR ranges do not meet
+                out["note"] = "BD-rate n/a: the curves' PSNR ranges do not overlap"
+                return out
+            out["bd_rate_pct"], out["method"] = value, "bd-rate (pchip, PSNR)"
             if caught:
                 out["note"] = "; ".join(str(w.message) for w in caught)
         except (ValueError, AssertionError):  # pchip needs PSNR to rise with rate along each curve
-            out["note"] = "BD-rate not computable: PSNR does not rise with rate along a curve"
+            out["note"] = "BD-rate n/a: PSNR does not rise with rate along a curve"
     return out
 
 

@@ -34,8 +34,7 @@ def ptq_cell(entry: Mapping[str, Any] | None) -> str:
         return "–"
     if entry["bd_rate_pct"] is not None:
         return f"{entry['bd_rate_pct']:+.2f} % (BD-rate)"
-    return ("BD-rate n/a (PSNR not monotonic in rate); " if entry.get("note") else "") + \
-        f"per point: {_points(entry['points'])}"
+    return (f"{entry['note']}; " if entry.get("note") else "") + f"per point: {_points(entry['points'])}"
 
 
 def diff_cell(diff: Mapping[str, Any] | None) -> str:
