@@ -149,3 +149,26 @@ def test_corrupt_package_file_is_detected(package_mbt: Path, tmp_path: Path) -> 
         engine.run("g_s", np.zeros((1, 192, 4, 4), np.float32))
     with pytest.raises(PackageError, match="not a codec package"):
         Package.open(tmp_path)
+
+
+def test_calibration_methods_give_their_own_ranges(tmp_path: Path) -> None:
+    """On heavy-tailed activations, entropy (KL) and percentile clip below min-max, and entropy is not min-max
+    (onnxruntime's 128-bin default would make it so)."""
+    import torch
+
+    from lic_deploy.export.onnx_export import INPUT, OUTPUT
+    from lic_deploy.export.quantize import activation_ranges, quantize_int8
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1))
+    fp32 = tmp_path / "net.fp32.onnx"
+    torch.onnx.export(conv, (torch.zeros(1, 3, 16, 16),), str(fp32), input_names=[INPUT], output_names=[OUTPUT],
+                      dynamo=False)
+    rng = np.random.default_rng(0)
+    calib = [rng.standard_t(2, size=(1, 3, 16, 16)).astype(np.float32) for _ in range(8)]  # heavy tails
+    ranges = {}
+    for method in ("minmax", "percentile", "entropy"):
+        quantize_int8(fp32, tmp_path / f"net.{method}.onnx", calib, method=method)
+        ranges[method] = activation_ranges(tmp_path / f"net.{method}.onnx")[INPUT]
+    peak = max(float(np.abs(x).max()) for x in calib)
+    assert ranges["minmax"] == pytest.approx(peak, rel=1e-3)
+    assert ranges["entropy"] < 0.8 * ranges["minmax"] and ranges["percentile"] < ranges["minmax"]

@@ -20,6 +20,9 @@ import numpy as np
 from lic_deploy.export.onnx_export import INPUT
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
+# KL (entropy) calibration: histogram bins collected, and the int8 bins each candidate threshold is folded into.
+# onnxruntime's own default (128 and 128) leaves one candidate, the full range, which is min-max.
+ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
 INT8_VARIANTS = ("int8", "int8-u8s8")
 
 
@@ -60,14 +63,35 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
                              "QuantizeBias": False}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
+    if method == "entropy":  # ranges from our own entropy pass; quantize_static cannot set its bin counts
+        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                         for name, (lo, hi) in entropy_ranges(fp32_path, calib_inputs).items()}
     logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger each call
     quantize_static(
         str(fp32_path), str(out_path), _Reader(calib_inputs),
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "ConvTranspose"],
-        nodes_to_exclude=[*_skip_nodes(fp32_path), *exclude], calibrate_method=methods[method], extra_options=extra,
+        nodes_to_exclude=[*_skip_nodes(fp32_path), *exclude],
+        calibrate_method=methods["minmax" if method == "entropy" else method], extra_options=extra,
     )
+
+
+def entropy_ranges(fp32_path: Path, calib_inputs: Sequence[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """Symmetric activation ranges (float units) of the convolutions' tensors that minimise the KL divergence
+    between the ENTROPY_BINS histogram and its ENTROPY_QUANTIZED_BINS-level quantization (TensorRT's method)."""
+    import tempfile
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(
+            str(fp32_path), ["Conv", "ConvTranspose"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=CalibrationMethod.Entropy,
+            extra_options={"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
+        calibrator.collect_data(_Reader(calib_inputs))
+        data = calibrator.compute_data()
+    return {name: (float(r.range_value[0]), float(r.range_value[1])) for name, r in data.data.items()}
 
 
 def activation_ranges(int8_path: Path) -> dict[str, float]:
