@@ -6,8 +6,9 @@ STAMP  := $(VENV)/.installed
 DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
 RUNS   ?= $(or $(LIC_DEPLOY_RUNS),../lic-runs)
+GPU_MODELS ?= ../shared/models-gpu
 
-.PHONY: demo test lint bench bench-convergence bench-export bench-codec bench-elic bench-runtime clean
+.PHONY: demo test lint bench bench-gpu-models bench-convergence bench-export bench-codec bench-elic bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,16 @@ bench: $(STAMP)
 		--fallback-target 1 -o $(OUT)/bench
 	$(VENV)/bin/lic-deploy report $(OUT)/bench/results.json -o docs/bench
 	cp $(OUT)/bench/results.json docs/bench/
+
+# The same study on the eight GPU-trained mbt2018-mean N=128/M=192 models (docs/bench-gpu/; ONNX Runtime on the
+# CPU, about 90 minutes on 2 cores). Interrupted? Run it again: it resumes after the last finished model.
+bench-gpu-models: $(STAMP)
+	LIC_DEPLOY_DATA=$(abspath $(DATA)) $(VENV)/bin/lic-deploy bench $(sort $(wildcard $(GPU_MODELS)/*.safetensors)) \
+		--data $(DATA)/kodak --calib calib/train-64.json --precisions fp32,fp16,int8 \
+		--calib-methods minmax,percentile,entropy --backends ort --repeat 3 --outlier-images 4 \
+		--fallback-target 1 --resume -o $(OUT)/bench-gpu
+	$(VENV)/bin/lic-deploy report $(OUT)/bench-gpu/results.json -o docs/bench-gpu
+	cp $(OUT)/bench-gpu/results.json docs/bench-gpu/
 
 # SOAP against Adam: steps and seconds to Adam's final validation loss (lambda 0.013 of the model set). The SOAP
 # log is the equal-quality run: the same SOAP run (same seed, data, lambda), validated every 25 steps.

@@ -204,14 +204,14 @@ def _bench(args: argparse.Namespace) -> int:
     for item in args.label or []:
         name, sep, label = item.partition("=")
         if not sep:
-            raise LicError(f"--label {item!r} is not MODEL=OPTIMIZER:LAMBDA")
+            raise LicError(f"--label {item!r} is not MODEL=OPTIMIZER:LAMBDA[:FAMILY]")
         labels[name] = label
     opts = BenchOptions(data=Path(args.data), out=Path(args.output), precisions=args.precisions,
                         calib_methods=args.calib_methods, backends=args.backends, images=args.images,
                         repeat=args.repeat, warmup=args.warmup, threads=args.threads, calib=args.calib,
                         calib_count=args.calib_count, calib_size=args.calib_size, labels=labels,
                         outlier_images=args.outlier_images,
-                        fallback_target=args.fallback_target)
+                        fallback_target=args.fallback_target, resume=args.resume)
     results = run_bench(args.models, opts)
     report = write_report(results, opts.out)
     print(headline_text(results))
@@ -382,13 +382,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="calibration folder or manifest .json (default: scikit-image's photos)")
     p.add_argument("--calib-count", type=_positive, default=16, help="calibration crops from a folder (16)")
     p.add_argument("--calib-size", type=_positive, default=256, help="calibration crop side in pixels (256)")
-    p.add_argument("--label", action="append", metavar="MODEL=OPTIMIZER:LAMBDA",
+    p.add_argument("--label", action="append", metavar="MODEL=OPTIMIZER:LAMBDA[:FAMILY]",
                    help="optimizer and lambda of a model without them in its metadata (MODEL: file stem or path); "
                    "repeatable")
     p.add_argument("--outlier-images", type=int, default=2,
                    help="images for the outlier statistics (default 2; 0 skips them)")
     p.add_argument("--fallback-target", type=float, metavar="PCT",
                    help="also measure INT8 with --fallback auto at this target (percent)")
+    p.add_argument("--resume", action="store_true",
+                   help="after an interruption: keep the models already measured by the same command "
+                   "(OUT/results.partial.json, written after each model) and measure the rest")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("report", help="regenerate report.md and plots from a bench results.json",

@@ -153,13 +153,16 @@ def test_analysis_headline_and_equal_quality(eq: str, partner: str) -> None:
     opt = {o["variant"]: o["bd_rate_pct"] for o in an["optimizers"]}
     assert opt["ort:fp32"] == pytest.approx(0.0, abs=1e-9)
     assert opt["ort:int8:minmax"] == pytest.approx(100 * (1.02 / 1.10 - 1), abs=1e-9)
-    eqa = an["equal_quality"]
-    assert eqa["curve"] == f"{eq}-eq" and eqa["partner"] == partner
-    assert eqa["lambdas"] == [0.013] and eqa["fp32"][f"{eq}-eq"][0]["steps"] == 5000
-    (row,) = eqa["rows"]
-    (point,) = row[f"{eq}-eq"]  # one lambda: per point, not a BD-rate
+    eq_pair = an["pairs"][0]  # equal-quality pairs come first
+    assert eq_pair["kind"] == "equal FP32 quality" and eq_pair["lmbda"] == 0.013
+    partner_curve = eq_pair["soap" if eq == "adam" else "adam"]["curve"]
+    assert eq_pair[eq]["curve"] == f"{eq}-eq" and partner_curve == partner and eq_pair[eq]["steps"] == 5000
+    assert [p["kind"] for p in an["pairs"][1:]] == ["same λ"] * 4
+    (row,) = eq_pair["rows"]
+    point = row[eq]  # one lambda: per point, not a BD-rate
     assert point["dpsnr_db"] == pytest.approx(-0.2) and point["dbpp_pct"] == pytest.approx(100 * (0.85 / 0.79 - 1))
-    assert row["soap"][0]["dbpp_pct"] == pytest.approx(2.0)
+    assert row[partner]["dbpp_pct"] == pytest.approx(10.0 if partner == "adam" else 2.0)
+    assert point["dpsnr_ci"] is None and row["difference"]["verdict"] == "no interval"  # no per-image rows
     eq_entry = next(e for e in an["ptq_loss"] if e["curve"] == f"{eq}-eq")
     assert eq_entry["method"] == "per-point" and eq_entry["bd_rate_pct"] is None
     (lat,) = [r for r in an["latency"] if r["variant"] == "ort:int8:minmax"]
@@ -227,7 +230,9 @@ def test_tiny_end_to_end_bench(tiny: dict[str, Path], capsys: pytest.CaptureFixt
     assert head["adam"]["method"] == "per-point" and len(head["adam"]["points"]) == 1
     report = (out / "report.md").read_text()
     assert "per point: λ 0.013" in report and "## Outliers" in report
-    pngs = ("rd_curves.png", "ptq_loss.png", "outlier_profile.png", "outlier_vs_sqnr.png", "latency.png")
+    assert "## Model pairs" in report and "paired bootstrap intervals over the 2 images" in report
+    pngs = ("rd_curves.png", "ptq_loss.png", "outlier_profile.png", "outlier_vs_sqnr.png", "latency.png",
+            "pairs.png", "outliers_equal_quality.png")
     for name in pngs:
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     again = tiny["root"] / "again"
@@ -248,6 +253,32 @@ def test_bench_measures_packages_as_they_are(tiny: dict[str, Path]) -> None:
     assert doc["models"][0]["kind"] == "package" and doc["models"][0]["packages"] == {}
     assert [s["variant"] for s in doc["summaries"]] == ["ort:fp32", "ort:int8:minmax"]
     assert not (tiny["root"] / "from-package" / "packages").exists()
+
+
+def test_bench_resumes_after_the_last_finished_model(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupted run (results.partial.json holding model a) resumes with model b only; a partial file of
+    another command is ignored."""
+    from lic_deploy.bench import runner
+
+    opts = runner.BenchOptions(data=tiny["images"], out=tiny["root"] / "resume", precisions=("fp32",), images=1,
+                               repeat=1, threads=1, outlier_images=0,
+                               labels={"tiny-a": "adam:0.013", "tiny-b": "soap:0.013"})
+    full = runner.run_bench([tiny["a"], tiny["b"]], opts)
+    assert not (opts.out / runner.PARTIAL).exists()  # removed once results.json is written
+    partial = {k: v for k, v in full.items() if k != "analysis"}
+    for key in runner.MODEL_KEYS:
+        partial[key] = [r for r in full[key] if r.get("model", r.get("name")) == "tiny-a"]
+    measured: list[str] = []
+    inner = runner.bench_model
+    monkeypatch.setattr(runner, "bench_model", lambda model, *a: (measured.append(model.name), inner(model, *a)))
+    runner.write_json(opts.out / runner.PARTIAL, partial)
+    again = runner.run_bench([tiny["a"], tiny["b"]], runner.BenchOptions(**{**vars(opts), "resume": True}))
+    assert measured == ["tiny-b"] and [m["name"] for m in again["models"]] == ["tiny-a", "tiny-b"]
+    assert again["rows"][0] == full["rows"][0] and len(again["rows"]) == len(full["rows"])
+    runner.write_json(opts.out / runner.PARTIAL, {**partial, "command": "lic-deploy bench other.pt"})
+    measured.clear()
+    runner.run_bench([tiny["a"], tiny["b"]], runner.BenchOptions(**{**vars(opts), "resume": True}))
+    assert measured == ["tiny-a", "tiny-b"]
 
 
 def test_bench_asks_for_labels(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
@@ -310,3 +341,135 @@ def test_bd_rate_not_computable_is_labelled_not_nan() -> None:
     bent = compare(low, bent_curve)
     assert bent["bd_rate_pct"] is None and "does not rise" in bent["note"]
     assert "nan" not in ptq_cell(bent)
+
+
+def test_bootstrap_interval_covers_the_true_mean_at_about_its_level() -> None:
+    """24 draws of N(1, 1): the 95 % interval of the mean should contain 1 in about 95 % of 400 experiments
+    (the percentile bootstrap runs a little short at n = 24; a binomial 95 % band on 400 trials is +-2.2 %)."""
+    from lic_deploy.bench.bootstrap import PairedBootstrap, mean_difference
+
+    rng = np.random.default_rng(7)
+    zeros = np.zeros(24)
+    hits = 0
+    for trial in range(400):
+        boot = PairedBootstrap(24, reps=1000, seed=trial)
+        low, high = boot.interval(mean_difference(rng.normal(1.0, 1.0, 24), zeros))
+        hits += low <= 1.0 <= high
+    assert 0.89 <= hits / 400 <= 0.98
+
+
+def test_bootstrap_resamples_images_paired() -> None:
+    """Per-image PSNR spreads over 20 dB, but INT8 is exactly 0.1 dB under FP32 on every image: paired resampling
+    gives a zero-width interval at -0.1 dB; two independent resamplings would give one several dB wide."""
+    from lic_deploy.bench.bootstrap import PairedBootstrap, excludes_zero, mean_difference, ratio_change_pct
+
+    rng = np.random.default_rng(1)
+    fp32 = rng.uniform(20, 40, 24)
+    boot = PairedBootstrap(24)
+    low, high = boot.interval(mean_difference(fp32 - 0.1, fp32))
+    assert low == pytest.approx(-0.1) and high == pytest.approx(-0.1) and excludes_zero((low, high))
+    unpaired = fp32[boot.index].mean(1) - 0.1 - fp32[PairedBootstrap(24, seed=1).index].mean(1)
+    assert np.percentile(unpaired, 97.5) - np.percentile(unpaired, 2.5) > 2.0
+    bpp = rng.uniform(0.2, 1.0, 24)
+    assert boot.interval(ratio_change_pct(bpp * 1.02, bpp)) == pytest.approx((2.0, 2.0))
+
+
+def _results_with_rows() -> dict:
+    """Per-image rows of 24 images for Adam (two learning rates), SOAP and SOAP-eq at lambda 0.013: INT8 costs
+    Adam 0.02 dB and SOAP 0.30 dB on every image (plus 0.01 dB image noise); the two Adam runs lose the same."""
+    rng = np.random.default_rng(5)
+    images = [f"kodim{i:02d}.png" for i in range(1, 25)]
+    base_psnr, base_bpp = rng.uniform(26, 34, 24), rng.uniform(0.3, 1.2, 24)
+    specs = [("adam", "adam", 0.02), ("adam-lr0.0005", "adam", 0.02), ("soap", "soap", 0.30),
+             ("soap-eq", "soap", 0.30)]
+    models, rows, summaries = [], [], []
+    for curve, opt, loss in specs:
+        name = f"mbt-{curve}-0.013"
+        models.append({"name": name, "curve": curve, "lmbda": 0.013, "optimizer": opt, "steps": 100})
+        for variant, drop in (("ort:fp32", 0.0), ("ort:int8:minmax", loss)):
+            psnr_i = base_psnr - drop - (rng.normal(0, 0.01, 24) if drop else 0)
+            rows += [{"model": name, "variant": variant, "image": im, "bpp": b, "psnr": p}
+                     for im, b, p in zip(images, base_bpp, psnr_i, strict=True)]
+            summaries.append({"model": name, "variant": variant, "bpp": float(base_bpp.mean()),
+                              "psnr": float(psnr_i.mean()), "ms_ssim": 0.9})
+    return {"settings": {"images": images}, "models": models, "rows": rows, "summaries": summaries,
+            "latency": [], "fallback": [], "outliers": [], "skipped": []}
+
+
+def test_two_runs_of_one_optimizer_at_one_lambda_are_two_curves_and_pairs_have_intervals() -> None:
+    from lic_deploy.bench.compare import analyse, curves
+
+    results = _results_with_rows()
+    assert set(curves(results)) == {"adam", "adam-lr0.0005", "soap", "soap-eq"}
+    an = analyse(results)
+    assert an["bootstrap"]["images"] == 24
+    kinds = [(p["kind"], p["adam"]["curve"], p["soap"]["curve"]) for p in an["pairs"]]
+    assert sorted(kinds[:2]) == [("equal FP32 quality", "adam", "soap-eq"),
+                                 ("equal FP32 quality", "adam-lr0.0005", "soap-eq")]
+    assert sorted(kinds[2:]) == [("same λ", "adam", "soap"), ("same λ", "adam-lr0.0005", "soap")]
+    for pair in an["pairs"]:
+        (row,) = pair["rows"]
+        diff = row["difference"]
+        assert diff["dpsnr_db"] == pytest.approx(-0.28, abs=0.01)
+        assert diff["dpsnr_ci"][0] < diff["dpsnr_db"] < diff["dpsnr_ci"][1] < 0
+        assert diff["verdict"] == "soap loses more" and diff["outside_noise"]
+        assert row["adam"]["dpsnr_ci"][1] < 0 and row["adam"]["dbpp_ci"] == pytest.approx((0.0, 0.0))
+    entry = next(e for e in an["ptq_loss"] if e["curve"] == "adam-lr0.0005")
+    assert entry["points"][0]["ref"] == ["mbt-adam-lr0.0005-0.013", "ort:int8:minmax"]
+
+
+def test_difference_inside_the_noise() -> None:
+    """Adam and SOAP losing the same on average, each with per-image noise: the verdict says so."""
+    from lic_deploy.bench.compare import analyse
+
+    results = _results_with_rows()
+    rng = np.random.default_rng(9)
+    for r in results["rows"]:
+        if r["variant"] != "ort:fp32":
+            r["psnr"] += (0.28 if "soap" in r["model"] else 0.0) + rng.normal(0, 0.05)
+    pair = next(p for p in analyse(results)["pairs"] if p["soap"]["curve"] == "soap")
+    diff = pair["rows"][0]["difference"]
+    assert diff["dpsnr_ci"][0] < 0 < diff["dpsnr_ci"][1]
+    assert diff["verdict"] == "inside the noise" and not diff["outside_noise"]
+
+
+def test_run_family_and_labels() -> None:
+    from lic_deploy.bench.runner import parse_label, run_family
+    from lic_deploy.errors import LicError
+
+    assert run_family("adam", {"training": {"hyperparameters": {"lr": 1e-4}}}) == "adam"
+    assert run_family("adam", {"training": {"hyperparameters": {"lr": 5e-4}}}) == "adam-lr0.0005"
+    assert run_family("soap", {"training": {"hyperparameters": {"lr": 3e-3}}}) == "soap"
+    assert run_family("adam", {"training": {"family": "adam-long", "hyperparameters": {"lr": 5e-4}}}) == "adam-long"
+    assert run_family("adam", {}) == "adam"
+    assert parse_label("Adam:0.013") == ("adam", 0.013, None)
+    assert parse_label("adam:0.013:adam-lr5e-4") == ("adam", 0.013, "adam-lr5e-4")
+    for bad in ("adam", "adam:x", "adam:0.013:", ":0.013", "a:0.1:b:c"):
+        with pytest.raises(LicError, match="OPTIMIZER:LAMBDA"):
+            parse_label(bad)
+
+
+def test_outlier_pair_verdict_and_fallback_overlap() -> None:
+    from lic_deploy.bench.outlier_compare import compare_outliers, fallback_vs_sqnr
+
+    def layer(name: str, ratio: float, kurt: float, sqnr: float | None, kind: str = "conv input") -> dict:
+        return {"name": name, "kind": kind, "max_over_sigma": ratio, "kurtosis": kurt, "sqnr_db": sqnr}
+
+    base = {f"g_s.{i}": layer(f"g_s.{i}", 6.0, 3.0, 40.0) for i in range(4)}
+    base["y"] = layer("y", 6.0, 3.0, None, "latent")
+    fewer = {k: {**v, "max_over_sigma": 5.0, "kurtosis": 2.9} for k, v in base.items()}
+    more = {k: {**v, "max_over_sigma": 9.0, "kurtosis": 8.0} for k, v in base.items()}
+    mixed = {k: {**v, "max_over_sigma": 5.0, "kurtosis": 8.0} for k, v in base.items()}
+    assert compare_outliers(base, fewer)["verdict"] == "fewer"
+    assert compare_outliers(base, more)["verdict"] == "more"
+    out = compare_outliers(base, mixed, "adam", "soap")
+    assert out["verdict"] == "mixed" and out["summary"]["test_lower_max_over_sigma"] == 4
+    assert out["summary"]["median_ratio_kurtosis"] == pytest.approx(8 / 3)
+    assert out["latents"]["y"]["soap"]["max_over_sigma"] == 5.0 and len(out["layers"]) == 5
+    layers = [layer("g_a.0", 5, 3, 20.0), layer("g_a.2", 5, 3, 30.0), layer("g_s.0", 5, 3, 25.0),
+              layer("g_s.2", 5, 3, 45.0)]
+    results = {"outliers": [{"model": "m", "layers": layers}],
+               "fallback": [{"model": "m", "variant": "ort:int8-fb:minmax", "kept_layers": ["g_a.0", "g_s.2"]},
+                            {"model": "m", "variant": "x", "kept_layers": []}]}
+    (rec,) = fallback_vs_sqnr(results)
+    assert rec["worst_sqnr"] == ["g_a.0", "g_s.0"] and rec["overlap"] == 1 and rec["conv_layers"] == 4

@@ -8,6 +8,7 @@ checks lic-deploy's own buffer, shape and clean-up logic only.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import types
 from pathlib import Path
@@ -32,7 +33,7 @@ from lic_deploy.runtime.engines.tensorrt import (
     load_or_build,
 )
 from lic_deploy.runtime.package import Package
-from tests.conftest import make_checkpoint, write_images
+from tests.conftest import Perturbed, make_checkpoint, write_images
 
 
 @pytest.fixture(scope="module")
@@ -364,14 +365,43 @@ def test_gpu_check_dry_run_writes_its_report(tiny_package: Path, tmp_path: Path)
     assert report["baseline"] == "torch-cpu:fp32" and report["package"]["exported_here"] is False
     assert [b["engine"] for b in report["builds"]] == engines and all(b["ok"] for b in report["builds"])
     checks = report["stage_checks"]
-    assert len(checks) == 12 and all(c["ok"] for c in checks)
-    assert all("ort_sqnr_db" in c for c in checks if c["engine"] == "ort:int8")
+    assert len(checks) == 12 and all(c["ok"] is True for c in checks)  # JSON booleans, not "True" strings
+    assert all("ort_sqnr_db" in c and c["floor_db"] == gpu_check.SQNR_FLOOR_DB["int8"]
+               for c in checks if c["engine"] == "ort:int8")
     rows = report["cross_device"]["rows"]
-    assert len(rows) == 2 * len(engines) and all(r["latents_identical"] for r in rows)
+    assert len(rows) == 2 * len(engines) and all(r["latents_identical"] is True for r in rows)
     assert {(r["encoder"], r["decoder"]) for r in rows} >= {("ort:int8", "ort:fp32"), ("ort:fp32", "ort:int8")}
     assert all(r["nonzero_latents"] > 0.01 for r in rows)
     ms = report["latency"]["median_ms"]
     assert set(ms) == {*engines, "ort-cpu:fp32"} and all(set(v) == {"g_a", "h_a", "h_s", "g_s"} for v in ms.values())
+
+
+@pytest.mark.parametrize(("precision", "eps", "ok"), [("fp16", 1e-3, True), ("fp16", 3e-2, False),
+                                                      ("int8", 3e-2, True), ("int8", 0.5, False)])
+def test_gpu_check_judges_fp16_and_int8_by_an_absolute_floor(tiny_package: Path, precision: str, eps: float,
+                                                             ok: bool) -> None:
+    """Relative noise eps gives an SQNR of about -20 log10(eps): 1e-3 is 60 dB, what torch-cuda FP16 reached on an
+    H200 (below ORT CPU FP16's 66-72 dB, and right), 3e-2 is 30 dB (a broken FP16 engine, a fine INT8 one)."""
+    from lic_deploy.bench import gpu_check
+
+    package = Package.open(tiny_package)
+    ref = create_engine(package, "ort", "fp32")
+    noisy = Perturbed(ref, eps, seed=3)
+    image = np.random.default_rng(0).uniform(0, 1, (3, 128, 128)).astype(np.float32)
+    inputs = gpu_check.stage_inputs(package, ref, image)
+    variant = gpu_check.Variant(f"stub:{precision}", lambda: noisy, precision)
+    rows = gpu_check.stage_checks(package, {variant.label: noisy}, [variant], ref, inputs)
+    assert len(rows) == 4 and all(r["ok"] is ok and r["floor_db"] == gpu_check.SQNR_FLOOR_DB[precision]
+                                  for r in rows)
+    assert all(abs(r["sqnr_db"] + 20 * math.log10(eps)) < 3 for r in rows)
+    assert json.loads(json.dumps(rows, default=gpu_check._json_value))[0]["ok"] is ok
+
+
+def test_gpu_check_json_keeps_numpy_booleans_boolean() -> None:
+    from lic_deploy.bench import gpu_check
+
+    text = json.dumps({"ok": np.bool_(False), "x": np.float32(0.5), "p": Path("a")}, default=gpu_check._json_value)
+    assert json.loads(text) == {"ok": False, "x": 0.5, "p": "a"}
 
 
 def _nvidia_ready() -> str | None:

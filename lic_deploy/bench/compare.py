@@ -7,6 +7,11 @@ PSNR, `bdrate.bd_rate`) of its curve against the same curve in FP32 on the same 
 backend has no FP32), in percent, positive = the quantized codec needs more bits for the same PSNR. It needs at
 least four common lambdas; every comparison also lists, per lambda, the PSNR change (dB, negative = worse) and
 the bpp change (%), which is what the tables show where a BD-rate is not possible.
+
+Every PTQ-loss figure and every difference between two models' PTQ losses carries a 95 % paired bootstrap interval
+over the images (`bootstrap.PairedBootstrap`, `*_ci` keys), when the results hold per-image rows. A pair is one
+Adam-family and one SOAP-family model at the same lambda (equal steps, equal training time, or equal FP32 quality
+when one is an equal-quality model); its verdict says whether SOAP's loss differs from Adam's outside the noise.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from lic_deploy.bench.bdrate import bd_rate
+from lic_deploy.bench.bootstrap import PairedBootstrap, excludes_zero, mean_difference, ratio_change_pct
 from lic_deploy.bench.runner import STEPS, TRANSFORM_STEPS
 
 BASE, TEST = "adam", "soap"  # the study's comparison: TEST against BASE
@@ -44,13 +52,73 @@ def anchor_of(variant: str, available: Sequence[str]) -> str | None:
     return None
 
 
-def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-lambda changes of `test` against `anchor`, and the BD-rate when four or more lambdas are common."""
+class ImageData:
+    """Per-image bpp and PSNR arrays of every (model, variant), in one image order, and the paired bootstrap over
+    those images; `boot` is None when the results hold no per-image rows (or fewer than two images)."""
+
+    def __init__(self, results: Mapping[str, Any]) -> None:
+        rows = results.get("rows") or []
+        names = list((results.get("settings") or {}).get("images") or {r["image"]: None for r in rows})
+        where = {n: i for i, n in enumerate(names)}
+        grouped: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        for r in rows:
+            arrays = grouped.setdefault((r["model"], r["variant"]), {k: np.full(len(names), np.nan)
+                                                                     for k in ("bpp", "psnr")})
+            for k in ("bpp", "psnr"):
+                arrays[k][where[r["image"]]] = r[k]
+        self.arrays = {key: a for key, a in grouped.items() if all(np.isfinite(v).all() for v in a.values())}
+        self.boot = PairedBootstrap(len(names)) if self.arrays and len(names) >= 2 else None
+
+    def get(self, ref: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """The arrays of (model, variant), or None (no rows, or the bootstrap is off)."""
+        return self.arrays.get(tuple(ref)) if self.boot else None
+
+    def change_stats(self, point: Mapping[str, Any]) -> tuple[Any, Any] | None:
+        """Bootstrap statistics (PSNR change dB, bpp change %) of a compared point, or None."""
+        a, t = self.get(point["anchor_ref"]), self.get(point["ref"])
+        if a is None or t is None:
+            return None
+        return mean_difference(t["psnr"], a["psnr"]), ratio_change_pct(t["bpp"], a["bpp"])
+
+    def bd_stat(self, points: Sequence[Mapping[str, Any]]) -> Any:
+        """Bootstrap statistic (one index vector -> BD-rate %, NaN where undefined) of compared points, or None."""
+        a = [self.get(p["anchor_ref"]) for p in points]
+        t = [self.get(p["ref"]) for p in points]
+        if any(x is None for x in (*a, *t)):
+            return None
+
+        def stat(idx: np.ndarray) -> float:
+            means = [[float(x[k][idx].mean()) for x in side] for side in (a, t) for k in ("bpp", "psnr")]
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return bd_rate(*means)
+            except (ValueError, AssertionError):
+                return math.nan
+
+        return stat
+
+
+NO_DATA = ImageData({})
+
+
+def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapping[str, Any]],
+            data: ImageData = NO_DATA) -> dict[str, Any]:
+    """Per-lambda changes of `test` against `anchor`, and the BD-rate when four or more lambdas are common; with
+    per-image `data`, 95 % paired bootstrap intervals (`dpsnr_ci`, `dbpp_ci`, `bd_rate_ci`)."""
     common = sorted(set(anchor) & set(test))
-    points = [{"lmbda": lm, "anchor_bpp": anchor[lm]["bpp"], "anchor_psnr": anchor[lm]["psnr"],
-               "bpp": test[lm]["bpp"], "psnr": test[lm]["psnr"], "dpsnr_db": test[lm]["psnr"] - anchor[lm]["psnr"],
-               "dbpp_pct": 100.0 * (test[lm]["bpp"] / anchor[lm]["bpp"] - 1.0)} for lm in common]
-    out: dict[str, Any] = {"lambdas": common, "points": points, "bd_rate_pct": None, "method": "per-point"}
+    points = []
+    for lm in common:
+        a, t = anchor[lm], test[lm]
+        p = {"lmbda": lm, "anchor_bpp": a["bpp"], "anchor_psnr": a["psnr"], "bpp": t["bpp"], "psnr": t["psnr"],
+             "dpsnr_db": t["psnr"] - a["psnr"], "dbpp_pct": 100.0 * (t["bpp"] / a["bpp"] - 1.0),
+             "anchor_ref": [a.get("model"), a.get("variant")], "ref": [t.get("model"), t.get("variant")]}
+        stats = data.change_stats(p)
+        p["dpsnr_ci"], p["dbpp_ci"] = (data.boot.interval(stats[0]), data.boot.interval(stats[1])) if stats \
+            else (None, None)
+        points.append(p)
+    out: dict[str, Any] = {"lambdas": common, "points": points, "bd_rate_pct": None, "bd_rate_ci": None,
+                           "method": "per-point"}
     if len(common) >= MIN_BD_POINTS:
         try:
             with warnings.catch_warnings(record=True) as caught:  # bjontegaard warns about a small overlap
@@ -65,54 +133,98 @@ def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapp
                 out["note"] = "; ".join(str(w.message) for w in caught)
         except (ValueError, AssertionError):  # pchip needs PSNR to rise with rate along each curve
             out["note"] = "BD-rate n/a: PSNR does not rise with rate along a curve"
+            return out
+        stat = data.bd_stat(points)
+        out["bd_rate_ci"] = data.boot.interval_each(stat) if stat else None
     return out
 
 
-def ptq_losses(cs: Mapping[str, Mapping[str, Mapping[float, Any]]]) -> list[dict[str, Any]]:
+def ptq_losses(cs: Mapping[str, Mapping[str, Mapping[float, Any]]], data: ImageData = NO_DATA
+               ) -> list[dict[str, Any]]:
     """Every non-FP32 variant of every curve against the curve's own FP32."""
     out = []
     for curve, variants in cs.items():
         for variant, points in variants.items():
             anchor = anchor_of(variant, list(variants))
             if variant.split(":")[1] != ANCHOR and anchor:
-                out.append({"curve": curve, "variant": variant, "anchor": anchor, **compare(variants[anchor], points)})
+                out.append({"curve": curve, "variant": variant, "anchor": anchor,
+                            **compare(variants[anchor], points, data)})
     return out
 
 
-def difference(base: Mapping[str, Any] | None, test: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """TEST's PTQ loss minus BASE's: in BD-rate percentage points, or per common lambda."""
+def point_difference(base: Mapping[str, Any], test: Mapping[str, Any], data: ImageData = NO_DATA
+                     ) -> dict[str, Any]:
+    """TEST's PTQ loss minus BASE's at one lambda (PSNR change in dB, bpp change in percentage points), with
+    paired bootstrap intervals and `outside_noise`: True when either interval excludes zero."""
+    out: dict[str, Any] = {"lmbda": test["lmbda"], "dpsnr_db": test["dpsnr_db"] - base["dpsnr_db"],
+                           "dbpp_pp": test["dbpp_pct"] - base["dbpp_pct"], "dpsnr_ci": None, "dbpp_ci": None}
+    b, t = data.change_stats(base), data.change_stats(test)
+    if b and t:
+        out["dpsnr_ci"] = data.boot.interval(lambda idx: t[0](idx) - b[0](idx))
+        out["dbpp_ci"] = data.boot.interval(lambda idx: t[1](idx) - b[1](idx))
+        out["outside_noise"] = excludes_zero(out["dpsnr_ci"]) or excludes_zero(out["dbpp_ci"])
+    out["verdict"] = verdict(out)
+    return out
+
+
+def verdict(diff: Mapping[str, Any]) -> str:
+    """One point's difference in words: "inside the noise" unless an interval excludes zero; else which side
+    loses more (a lower PSNR change or a higher bpp change is a larger loss); "mixed" when the two disagree."""
+    if "dpsnr_ci" not in diff or (diff["dpsnr_ci"] is None and diff["dbpp_ci"] is None):
+        return "no interval"
+    signs = set()
+    if excludes_zero(diff["dpsnr_ci"]):
+        signs.add("more" if diff["dpsnr_db"] < 0 else "less")
+    if excludes_zero(diff["dbpp_ci"]):
+        signs.add("more" if diff["dbpp_pp"] > 0 else "less")
+    if not signs:
+        return "inside the noise"
+    return "mixed" if len(signs) == 2 else f"{TEST} loses {signs.pop()}"
+
+
+def difference(base: Mapping[str, Any] | None, test: Mapping[str, Any] | None, data: ImageData = NO_DATA
+               ) -> dict[str, Any] | None:
+    """TEST's PTQ loss minus BASE's: in BD-rate percentage points, or per common lambda; with intervals."""
     if not base or not test:
         return None
     if base["bd_rate_pct"] is not None and test["bd_rate_pct"] is not None:
-        return {"bd_rate_pp": test["bd_rate_pct"] - base["bd_rate_pct"]}
+        out: dict[str, Any] = {"bd_rate_pp": test["bd_rate_pct"] - base["bd_rate_pct"], "bd_rate_ci": None}
+        sb, st = data.bd_stat(base["points"]), data.bd_stat(test["points"])
+        if sb and st:
+            out["bd_rate_ci"] = data.boot.interval_each(lambda idx: st(idx) - sb(idx))
+            out["outside_noise"] = excludes_zero(out["bd_rate_ci"])
+        return out
     b = {p["lmbda"]: p for p in base["points"]}
-    return {"points": [{"lmbda": p["lmbda"], "dpsnr_db": p["dpsnr_db"] - b[p["lmbda"]]["dpsnr_db"],
-                        "dbpp_pp": p["dbpp_pct"] - b[p["lmbda"]]["dbpp_pct"]}
-                       for p in test["points"] if p["lmbda"] in b]}
+    return {"points": [point_difference(b[p["lmbda"]], p, data) for p in test["points"] if p["lmbda"] in b]}
 
 
-def equal_quality(cs: Mapping[str, Mapping[str, Mapping[float, Any]]], ptq: Sequence[Mapping[str, Any]],
-                  models: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """An equal-quality curve ("adam-eq": Adam trained on to SOAP's validation loss, or "soap-eq": SOAP stopped
-    when it reached Adam's) against TEST and BASE at the eq models' lambdas, per point."""
-    eq = next((c for c in cs if c.endswith("-eq")), None)
-    if eq is None:
-        return None
-    partner = TEST if eq == f"{BASE}-eq" else BASE
-    steps = {(m["curve"], m["lmbda"]): m.get("steps") for m in models}
-    lambdas = sorted({lm for points in cs[eq].values() for lm in points})
-    fp32 = {c: [{"lmbda": lm, "model": p["model"], "steps": steps.get((c, lm)), "bpp": p["bpp"], "psnr": p["psnr"]}
-                for lm, p in sorted(cs[c].get(f"ort:{ANCHOR}", {}).items()) if lm in lambdas]
-            for c in (eq, TEST, BASE) if c in cs}
-    rows = []
-    for variant in {e["variant"]: None for e in ptq if e["curve"] == eq}:
-        entry = {"variant": variant}
-        for c in (eq, TEST, BASE):
-            hit = next((e for e in ptq if e["curve"] == c and e["variant"] == variant), None)
-            entry[c] = [p for p in hit["points"] if p["lmbda"] in lambdas] if hit else []
-        rows.append(entry)
-    return {"curve": eq, "partner": partner, "lambdas": lambdas, "fp32": fp32, "rows": rows,
-            "label": "per point (one model per curve at each lambda): PSNR change dB, bpp change %"}
+def pairs(ptq: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]],
+          data: ImageData = NO_DATA) -> list[dict[str, Any]]:
+    """Every (BASE-family model, TEST-family model) at one lambda, with each one's PTQ loss per quantized variant
+    and TEST's minus BASE's. `kind`: "equal FP32 quality" when one is an equal-quality model, else "same λ"
+    (equal steps or equal time: the steps are listed). Equal-quality pairs first."""
+    by_curve: dict[str, dict[float, Mapping[str, Any]]] = {}
+    for m in models:
+        by_curve.setdefault(m["curve"], {})[m["lmbda"]] = m
+    out = []
+    for cb, mb in by_curve.items():
+        for ct, mt in by_curve.items():
+            for lm in sorted(set(mb) & set(mt)):
+                base, test = mb[lm], mt[lm]
+                if base["optimizer"] != BASE or test["optimizer"] != TEST:
+                    continue
+                rows = []
+                for variant in {e["variant"]: None for e in ptq if e["curve"] in (cb, ct)}:
+                    hits = [next((p for e in ptq if e["curve"] == c and e["variant"] == variant
+                                  for p in e["points"] if p["lmbda"] == lm), None) for c in (cb, ct)]
+                    if all(hits):
+                        rows.append({"variant": variant, BASE: hits[0], TEST: hits[1],
+                                     "difference": point_difference(hits[0], hits[1], data)})
+                eq = cb.endswith("-eq") or ct.endswith("-eq")
+                out.append({"lmbda": lm, "kind": "equal FP32 quality" if eq else "same λ",
+                            BASE: {k: base.get(k) for k in ("name", "curve", "steps")},
+                            TEST: {k: test.get(k) for k in ("name", "curve", "steps")}, "rows": rows})
+    return sorted(out, key=lambda p: (p["kind"] != "equal FP32 quality", p["lmbda"]))
 
 
 def latency_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -153,15 +265,18 @@ def fallback_cost(results: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def analyse(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Everything the report shows, from the results' summaries, latency and fallback records."""
+    """Everything the report shows, from the results' rows, summaries, latency, fallback and outlier records."""
+    from lic_deploy.bench.outlier_compare import fallback_vs_sqnr, outlier_pairs
+
+    data = ImageData(results)
     cs = curves(results)
-    ptq = ptq_losses(cs)
+    ptq = ptq_losses(cs, data)
 
     def find(curve: str, variant: str) -> dict[str, Any] | None:
         return next((e for e in ptq if e["curve"] == curve and e["variant"] == variant), None)
 
-    headline = [{"variant": v, BASE: find(BASE, v), TEST: find(TEST, v), "difference": difference(find(BASE, v),
-                                                                                                   find(TEST, v))}
+    headline = [{"variant": v, BASE: find(BASE, v), TEST: find(TEST, v),
+                 "difference": difference(find(BASE, v), find(TEST, v), data)}
                 for v in {e["variant"]: None for e in ptq if e["curve"] in (BASE, TEST)}]
     optimizers = []
     if BASE in cs and TEST in cs:
@@ -169,6 +284,9 @@ def analyse(results: Mapping[str, Any]) -> dict[str, Any]:
             if variant in cs[TEST]:
                 optimizers.append({"variant": variant, "anchor_curve": BASE, "test_curve": TEST,
                                    **compare(cs[BASE][variant], cs[TEST][variant])})
-    return {"min_bd_points": MIN_BD_POINTS, "ptq_loss": ptq, "headline": headline, "optimizers": optimizers,
-            "equal_quality": equal_quality(cs, ptq, results["models"]), "latency": latency_table(results),
-            "fallback": fallback_cost(results)}
+    found = pairs(ptq, results["models"], data)
+    return {"min_bd_points": MIN_BD_POINTS, "bootstrap": None if data.boot is None else
+            {"reps": data.boot.reps, "level": data.boot.level, "images": data.boot.n},
+            "ptq_loss": ptq, "headline": headline, "optimizers": optimizers, "pairs": found,
+            "outlier_pairs": outlier_pairs(results, found), "latency": latency_table(results),
+            "fallback": fallback_cost(results), "fallback_vs_sqnr": fallback_vs_sqnr(results)}

@@ -4,7 +4,7 @@
 2. a package: the one given, or a random-weight mbt2018-mean N=128 M=192 exported with fp32 + int8 + fp16;
 3. TensorRT engines for each precision the package has (built, or found fresh in PKG/engines/), timed;
 4. every stage of every GPU engine against ONNX Runtime FP32 on the CPU, on real inputs: relative error and SQNR
-   (fp32 must stay within 1e-3; fp16/int8 within 3 dB of ONNX Runtime's own SQNR at that precision);
+   (fp32 must stay within 1e-3; fp16 and int8 above an absolute SQNR floor, `SQNR_FLOOR_DB`);
 5. images (Kodak from $LIC_DEPLOY_DATA/kodak, else scikit-image's photos) encoded on the GPU and decoded on the CPU
    (ONNX Runtime FP32) and the other way round: decoded latents must equal the encoder's bit for bit;
 6. per-stage latency, host to host (copies included), medians after warm-up runs, against PyTorch CUDA FP32
@@ -38,7 +38,11 @@ from lic_deploy.runtime.package import Package
 
 STAGES = ("g_a", "h_a", "h_s", "g_s")
 FP32_TOLERANCE = 1e-3  # relative L2 error of an FP32 engine against ORT FP32 (float reordering gives ~1e-6)
-SQNR_MARGIN_DB = 3.0  # fp16/int8: how far below ORT's SQNR at the same precision an engine may fall
+# fp16/int8 stages: the SQNR (dB, against ORT FP32) a correct engine stays above with margin. Measured on an H200:
+# torch-cuda FP16 60-65 dB, ORT CPU FP16 66-72 dB (it computes in higher precision inside), so a floor relative to
+# ORT's own FP16 (the first criterion, "within 3 dB") failed correct engines. INT8 stages of trained models reach
+# 17-45 dB with ORT (entropy calibration lowest); a wrong scale, axis or weight layout gives a few dB at most.
+SQNR_FLOOR_DB = {"fp16": 45.0, "int8": 15.0}
 DRY_RUN_LABEL = ("DRY RUN on the CPU: ONNX Runtime stands in for TensorRT and PyTorch CPU for PyTorch CUDA; "
                  "nothing here ran on a GPU")
 
@@ -55,6 +59,14 @@ class Variant:
 
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+def _json_value(obj: Any) -> Any:
+    """JSON for what `json` cannot write: numpy scalars as their Python values (a numpy bool stays a boolean,
+    never the truthy string "False"), paths and anything else as strings."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
 
 
 def environment() -> dict[str, Any]:
@@ -157,7 +169,8 @@ def stage_inputs(package: Package, ref: Engine, image: np.ndarray) -> dict[str, 
 
 def stage_checks(package: Package, engines: dict[str, Engine], tested: list[Variant], ref: Engine,
                  inputs: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Each engine's stages against ORT FP32; fp16/int8 judged against ORT's own SQNR at that precision."""
+    """Each engine's stages against ORT FP32; fp16/int8 judged by `SQNR_FLOOR_DB` (ORT's own SQNR at that
+    precision is recorded beside it, for information)."""
     from lic_deploy.export.onnx_export import rel_error, sqnr_db
 
     expected = {s: ref.run(s, inputs[s]) for s in STAGES}
@@ -166,7 +179,7 @@ def stage_checks(package: Package, engines: dict[str, Engine], tested: list[Vari
     for v in tested:
         if v.label not in engines:
             continue
-        if v.precision != "fp32" and (v.precision, "g_a") not in ort_sqnr:
+        if v.precision in package.precisions("g_a") and v.precision != "fp32" and (v.precision, "g_a") not in ort_sqnr:
             same = create_engine(package, "ort", v.precision)
             ort_sqnr.update({(v.precision, s): sqnr_db(expected[s], same.run(s, inputs[s])) for s in STAGES})
         for s in STAGES:
@@ -180,12 +193,13 @@ def stage_checks(package: Package, engines: dict[str, Engine], tested: list[Vari
             if out.shape != expected[s].shape:
                 rows.append({**row, "ok": False, "error": f"shape {out.shape}, expected {expected[s].shape}"})
                 continue
-            row.update(rel_error=rel_error(expected[s], out), sqnr_db=sqnr_db(expected[s], out))
+            row.update(rel_error=float(rel_error(expected[s], out)), sqnr_db=float(sqnr_db(expected[s], out)))
             if v.precision == "fp32":
-                row["ok"] = row["rel_error"] <= FP32_TOLERANCE
+                row["ok"] = bool(row["rel_error"] <= FP32_TOLERANCE)
             else:
-                row["ort_sqnr_db"] = ort_sqnr[(v.precision, s)]
-                row["ok"] = row["sqnr_db"] >= row["ort_sqnr_db"] - SQNR_MARGIN_DB
+                row["ort_sqnr_db"] = ort_sqnr.get((v.precision, s))
+                row["floor_db"] = SQNR_FLOOR_DB[v.precision]
+                row["ok"] = bool(row["sqnr_db"] >= row["floor_db"])
             rows.append(row)
     return rows
 
@@ -249,7 +263,7 @@ def run_check(args: argparse.Namespace) -> dict[str, Any]:
 
     def save(step: str) -> None:
         report["seconds"] = round(time.perf_counter() - t0, 2)
-        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=_json_value))
         print(f"[{report['seconds']:7.1f} s] {step}", flush=True)
 
     report["environment"] = env = environment()

@@ -24,16 +24,33 @@ def _num(v: Any, fmt: str = ".4g") -> str:
     return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
 
 
+def _ci(ci: Sequence[float] | None, fmt: str) -> str:
+    """" [low, high]" of a 95 % interval, or nothing."""
+    return f" [{format(ci[0], fmt)}, {format(ci[1], fmt)}]" if ci else ""
+
+
+def change(p: Mapping[str, Any]) -> str:
+    """A point's PSNR change (dB) and bpp change (%), each with its interval."""
+    return (f"{p['dpsnr_db']:+.3f} dB{_ci(p.get('dpsnr_ci'), '+.3f')}, "
+            f"{p['dbpp_pct']:+.2f} % bpp{_ci(p.get('dbpp_ci'), '+.2f')}")
+
+
+def diff_change(d: Mapping[str, Any]) -> str:
+    """A difference of two points' changes (dB and percentage points), with intervals and the verdict."""
+    return (f"{d['dpsnr_db']:+.3f} dB{_ci(d.get('dpsnr_ci'), '+.3f')}, {d['dbpp_pp']:+.2f} pp bpp"
+            f"{_ci(d.get('dbpp_ci'), '+.2f')} ({d.get('verdict', 'no interval')})")
+
+
 def _points(points: Sequence[Mapping[str, Any]]) -> str:
-    return "; ".join(f"λ {p['lmbda']:g}: {p['dpsnr_db']:+.3f} dB, {p['dbpp_pct']:+.2f} % bpp" for p in points)
+    return "; ".join(f"λ {p['lmbda']:g}: {change(p)}" for p in points)
 
 
 def ptq_cell(entry: Mapping[str, Any] | None) -> str:
-    """A BD-rate in percent, or the per-point PSNR and bpp changes, labelled."""
+    """A BD-rate in percent with its interval, or the per-point PSNR and bpp changes, labelled."""
     if not entry:
         return "–"
     if entry["bd_rate_pct"] is not None:
-        return f"{entry['bd_rate_pct']:+.2f} % (BD-rate)"
+        return f"{entry['bd_rate_pct']:+.2f} %{_ci(entry.get('bd_rate_ci'), '+.2f')} (BD-rate)"
     return (f"{entry['note']}; " if entry.get("note") else "") + f"per point: {_points(entry['points'])}"
 
 
@@ -41,9 +58,10 @@ def diff_cell(diff: Mapping[str, Any] | None) -> str:
     if not diff:
         return "–"
     if "bd_rate_pp" in diff:
-        return f"{diff['bd_rate_pp']:+.2f} pp"
-    return "per point: " + "; ".join(f"λ {p['lmbda']:g}: {p['dpsnr_db']:+.3f} dB, {p['dbpp_pp']:+.2f} pp bpp"
-                                     for p in diff["points"])
+        noise = "" if "outside_noise" not in diff else " (outside the noise)" if diff["outside_noise"] \
+            else " (inside the noise)"
+        return f"{diff['bd_rate_pp']:+.2f} pp{_ci(diff.get('bd_rate_ci'), '+.2f')}{noise}"
+    return "per point: " + "; ".join(f"λ {p['lmbda']:g}: {diff_change(p)}" for p in diff["points"])
 
 
 def _header(results: Mapping[str, Any]) -> list[str]:
@@ -64,28 +82,71 @@ def _header(results: Mapping[str, Any]) -> list[str]:
         "length of real .lic streams.", ""]
 
 
+def _bootstrap_line(an: Mapping[str, Any]) -> str:
+    b = an.get("bootstrap")
+    if not b:
+        return "No per-image rows: no confidence intervals."
+    return (f"Brackets: {100 * b['level']:g} % paired bootstrap intervals over the {b['images']} images "
+            f"({b['reps']} resamples; the same resampled images for FP32 and INT8 and for both models).")
+
+
 def _headline(an: Mapping[str, Any]) -> list[str]:
     rows = [[h["variant"], ptq_cell(h[BASE]), ptq_cell(h[TEST]), diff_cell(h["difference"])] for h in an["headline"]]
-    return ["## Headline: PTQ loss at equal training steps", "",
+    return [f"## Headline: PTQ loss of the {BASE} and {TEST} curves", "",
             f"Each quantized curve against the same optimizer's FP32 curve (BD-rate needs {an['min_bd_points']} "
             "lambdas; positive = more bits for the same PSNR). Per-point cells: PSNR change and bpp change of the "
-            "quantized codec at that lambda.", "",
+            f"quantized codec at that lambda. {_bootstrap_line(an)}", "",
             format_table(["variant", f"{BASE} PTQ loss", f"{TEST} PTQ loss", f"{TEST} − {BASE}"], rows), ""]
 
 
-def _equal_quality(eq: Mapping[str, Any] | None) -> list[str]:
-    if not eq:
-        return ["## At equal FP32 quality", "", "No equal-quality model (metadata `equal_quality` or a name "
-                "containing `-eq-`) was benchmarked.", ""]
-    curves = [c for c in (eq["curve"], TEST, BASE) if c in eq["fp32"]]
-    fp32 = [[c, p["model"], _num(p["steps"]), f"{p['lmbda']:g}", p["bpp"], p["psnr"]]
-            for c in curves for p in eq["fp32"][c]]
-    rows = [[r["variant"], *[_points(r[c]) or "–" for c in curves]] for r in eq["rows"]]
-    return ["## At equal FP32 quality", "",
-            f"{eq['curve']} was trained until its validation loss reached {eq['partner']}'s final one, so it "
-            f"matches {eq['partner']} in FP32 quality; {eq['label']}.", "",
-            format_table(["curve", "model", "steps", "λ", "FP32 bpp", "FP32 PSNR dB"], fp32), "",
-            format_table(["variant", *curves], rows), ""]
+def _model_cell(m: Mapping[str, Any], point: Mapping[str, Any] | None) -> str:
+    fp32 = f", FP32 {point['anchor_bpp']:.4f} bpp / {point['anchor_psnr']:.2f} dB" if point else ""
+    return f"`{m['name']}` ({m['curve']}, {_num(m['steps'])} steps{fp32})"
+
+
+def _pairs(an: Mapping[str, Any]) -> list[str]:
+    if not an["pairs"]:
+        return []
+    lines = [f"## Model pairs: {TEST} against {BASE} at one λ", "",
+             f"Every {BASE}-family model against every {TEST}-family model at the same λ. Cells: PTQ loss of each "
+             f"(PSNR change, bpp change of the quantized codec against the same model in FP32) and {TEST}'s minus "
+             f"{BASE}'s (negative dB or positive pp = {TEST} loses more). {_bootstrap_line(an)}", ""]
+    for pair in an["pairs"]:
+        first = pair["rows"][0] if pair["rows"] else {}
+        lines += [f"### λ {pair['lmbda']:g}, {pair['kind']}: {_model_cell(pair[BASE], first.get(BASE))} against "
+                  f"{_model_cell(pair[TEST], first.get(TEST))}", "",
+                  format_table(["variant", f"{BASE} PTQ loss", f"{TEST} PTQ loss", f"{TEST} − {BASE}"],
+                               [[r["variant"], change(r[BASE]), change(r[TEST]), diff_change(r["difference"])]
+                                for r in pair["rows"]]), ""]
+    return lines
+
+
+def _outlier_pairs(an: Mapping[str, Any]) -> list[str]:
+    if not an["outlier_pairs"]:
+        return []
+    lines = [f"## Outliers, {TEST} against {BASE}", "",
+             f"Per layer input (convolutions, then the latents), pooled over the outlier images. Verdict on {TEST}: "
+             "`fewer` when both its max/σ and its kurtosis are lower in more than half of the convolution inputs, "
+             "`more` when both are higher in more than half, else `mixed`.", ""]
+    rows = []
+    for op in an["outlier_pairs"]:
+        sm = op["summary"]
+        y = op["latents"].get("y", {})
+        rows.append([f"{op['lmbda']:g}", op["kind"], op[BASE], op[TEST],
+                     f"{sm['test_lower_max_over_sigma']}/{sm['conv_layers']}", _num(sm["median_ratio_max_over_sigma"]),
+                     f"{sm['test_lower_kurtosis']}/{sm['conv_layers']}", _num(sm["median_ratio_kurtosis"]),
+                     f"{sm['test_lower_sqnr_db']}/{sm['conv_layers']}",
+                     f"{_num(y.get(BASE, {}).get('max_over_sigma'))} / {_num(y.get(TEST, {}).get('max_over_sigma'))}",
+                     op["verdict"]])
+    lines += [format_table(["λ", "pair", BASE, TEST, "max/σ lower", "median ratio", "kurtosis lower", "median ratio",
+                            "SQNR lower", f"y max/σ {BASE} / {TEST}", "verdict"], rows), ""]
+    for op in (o for o in an["outlier_pairs"] if o["kind"] == "equal FP32 quality"):
+        lines += [f"### Layer by layer at equal FP32 quality: `{op[BASE]}` against `{op[TEST]}`", "",
+                  format_table(["layer", f"{BASE} max/σ", f"{TEST} max/σ", f"{BASE} kurtosis", f"{TEST} kurtosis",
+                                f"{BASE} SQNR dB", f"{TEST} SQNR dB"],
+                               [[r["name"], *[_num(r[side][k]) for k in ("max_over_sigma", "kurtosis", "sqnr_db")
+                                              for side in (BASE, TEST)]] for r in op["layers"]]), ""]
+    return [*lines, "![outliers at equal quality](outliers_equal_quality.png)", ""]
 
 
 def _optimizers(an: Mapping[str, Any]) -> list[str]:
@@ -122,16 +183,23 @@ def _latency(an: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
 def _fallback(an: Mapping[str, Any]) -> list[str]:
     if not an["fallback"]:
         return []
+    worst = {(w["model"], w["variant"]): w for w in an.get("fallback_vs_sqnr", [])}
+
+    def overlap(f: Mapping[str, Any]) -> str:
+        w = worst.get((f["model"], f["variant"]))
+        return "–" if w is None else f"{w['overlap']} of {len(w['kept'])}"
+
     rows = [[f["model"], f["variant"], f"{f['target_pct']:g} %", f"{f['loss_before_pct']:+.3f} → "
-             f"{f['loss_after_pct']:+.3f} %", ", ".join(f["kept_layers"]) or "none",
+             f"{f['loss_after_pct']:+.3f} %", ", ".join(f["kept_layers"]) or "none", overlap(f),
              _num(f["transforms_s"] and 1000 * f["transforms_s"]), _num(f["vs_int8"]), _num(f["vs_fp32"])]
             for f in an["fallback"]]
     return ["## Mixed precision: INT8 with FP32 fallback", "",
             "`export --int8 --fallback auto`: layers kept in FP32 (most INT8-sensitive first) until the "
             "rate-equivalent PTQ loss on the calibration crops met the target; latency of the float transforms "
-            "against plain INT8 and FP32 of the same model.", "",
-            format_table(["model", "variant", "target", "calibration loss", "kept in FP32", "transforms ms",
-                          "vs INT8", "vs FP32"], rows), ""]
+            "against plain INT8 and FP32 of the same model. `among worst SQNR`: how many of the k kept layers are "
+            "among the k layers with the lowest INT8 SQNR on the bench images (Outliers section).", "",
+            format_table(["model", "variant", "target", "calibration loss", "kept in FP32", "among worst SQNR",
+                          "transforms ms", "vs INT8", "vs FP32"], rows), ""]
 
 
 def _outliers(results: Mapping[str, Any]) -> list[str]:
@@ -166,9 +234,10 @@ def _outliers(results: Mapping[str, Any]) -> list[str]:
 
 def render(results: Mapping[str, Any], an: Mapping[str, Any]) -> str:
     """The report's markdown; `an` is `compare.analyse(results)`."""
-    lines = [*_header(results), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_equal_quality(an["equal_quality"]),
-             *_optimizers(an), "![rate-distortion curves](rd_curves.png)", "", *_rd_table(results),
-             *_latency(an, results), "![latency](latency.png)", "", *_fallback(an), *_outliers(results)]
+    lines = [*_header(results), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_pairs(an),
+             "![PTQ loss per model pair](pairs.png)", "", *_optimizers(an), "![rate-distortion curves](rd_curves.png)",
+             "", *_rd_table(results), *_latency(an, results), "![latency](latency.png)", "", *_fallback(an),
+             *_outliers(results), *_outlier_pairs(an)]
     if results["skipped"]:
         groups: dict[tuple[str, str], list[str]] = {}
         for s in results["skipped"]:
@@ -191,6 +260,8 @@ def write_report(results: Mapping[str, Any], out: str | os.PathLike) -> Path:
     plot_outlier_profile(results, out / "outlier_profile.png")
     plot_outlier_sqnr(results, out / "outlier_vs_sqnr.png")
     plot_latency(an, out / "latency.png")
+    plot_pairs(an, out / "pairs.png")
+    plot_outlier_pair(an, out / "outliers_equal_quality.png")
     path = out / "report.md"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -349,3 +420,63 @@ def plot_latency(an: Mapping[str, Any], path: Path) -> None:
 def headline_text(results: Mapping[str, Any]) -> str:
     """The headline section alone (markdown), for printing at the end of a run."""
     return "\n".join(_headline(analyse(results)))
+
+
+def _err(value: float, ci: Sequence[float] | None) -> list[float]:
+    return [value - ci[0], ci[1] - value] if ci else [0.0, 0.0]
+
+
+def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
+    """Per quantized variant: the PSNR change of each pair's two models with 95 % intervals as error bars."""
+    import matplotlib.pyplot as plt
+
+    found = [p for p in an["pairs"] if p["rows"]]
+    if not found:
+        _empty(path, f"no {BASE}/{TEST} pair at one λ measured")
+        return
+    variants = list({r["variant"]: None for p in found for r in p["rows"]})
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants) + 1, 3.8), squeeze=False, sharey=True)
+    x = np.arange(len(found))
+    labels = [f"λ {p['lmbda']:g}\n{p[BASE]['curve']} / {p[TEST]['curve']}" for p in found]
+    for ax, variant in zip(axes[0], variants, strict=True):
+        for i, side in enumerate((BASE, TEST)):
+            vals, errs = [], []
+            for p in found:
+                row = next((r for r in p["rows"] if r["variant"] == variant), None)
+                point = row[side] if row else None
+                vals.append(point["dpsnr_db"] if point else np.nan)
+                errs.append(_err(point["dpsnr_db"], point.get("dpsnr_ci")) if point else [0.0, 0.0])
+            ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, yerr=np.array(errs).T, capsize=2, label=side,
+                   color=COLOURS[side])
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_xticks(x, labels, fontsize=6.5, rotation=35, ha="right")
+        ax.set_title(variant.split(":", 1)[1], fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("PSNR change vs FP32, dB (95 % CI)")
+    axes[0][0].legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_outlier_pair(an: Mapping[str, Any], path: Path) -> None:
+    """Layer by layer for the first equal-quality pair: max/σ, kurtosis and INT8 SQNR of both models."""
+    import matplotlib.pyplot as plt
+
+    op = next((o for o in an["outlier_pairs"] if o["kind"] == "equal FP32 quality"), None)
+    if op is None:
+        _empty(path, "no equal-quality pair with outlier statistics")
+        return
+    names = [r["name"] for r in op["layers"]]
+    x = np.arange(len(names))
+    fig, axes = plt.subplots(3, 1, figsize=(max(7, 0.45 * len(names)), 8), sharex=True)
+    for ax, (key, label, log) in zip(axes, (("max_over_sigma", "max |a| / σ", True),
+                                           ("kurtosis", "kurtosis (normal = 3)", True),
+                                           ("sqnr_db", "INT8 SQNR dB", False)), strict=True):
+        for i, side in enumerate((BASE, TEST)):
+            vals = [np.nan if r[side][key] is None else r[side][key] for r in op["layers"]]
+            ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, color=COLOURS[side], label=f"{side}: {op[side]}")
+        ax.set(ylabel=label, yscale="log" if log else "linear")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_title(f"equal FP32 quality, λ {op['lmbda']:g}: {TEST} has {op['verdict']} outliers")
+    axes[0].legend(fontsize=7)
+    axes[2].set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    _save(fig, path)

@@ -39,7 +39,8 @@ EQUAL_QUALITY_TAG = "-eq-"  # a model name containing this is an "equal FP32 qua
 
 @dataclass
 class BenchOptions:
-    """What to measure. `labels` maps a model's name or path to "OPTIMIZER:LAMBDA" (overrides metadata)."""
+    """What to measure. `labels` maps a model's name or path to "OPTIMIZER:LAMBDA[:FAMILY]" (overrides
+    metadata)."""
 
     data: Path
     out: Path
@@ -56,6 +57,7 @@ class BenchOptions:
     labels: Mapping[str, str] = field(default_factory=dict)
     outlier_images: int = 2  # images for the outlier statistics; 0 = skip them
     fallback_target: float | None = None  # percent: also bench INT8 with automatic FP32 fallback (first method)
+    resume: bool = False  # keep the models already measured in OUT/results.partial.json by the same command
 
 
 @dataclass
@@ -68,11 +70,13 @@ class Model:
     steps: int | None
     equal_quality: bool
     sha256: str
+    family: str = ""  # the run family (see `run_family`); "" = the optimizer's name
 
     @property
     def curve(self) -> str:
-        """The R-D curve this model belongs to: its optimizer, with "-eq" for equal-quality models."""
-        return f"{self.optimizer}-eq" if self.equal_quality else self.optimizer
+        """The R-D curve this model belongs to: its run family, with "-eq" for equal-quality models."""
+        family = self.family or self.optimizer
+        return f"{family}-eq" if self.equal_quality else family
 
 
 @dataclass(frozen=True)
@@ -89,15 +93,35 @@ class Variant:
         return f"{self.backend}:{name}" + (f":{self.calib}" if self.calib else "")
 
 
-def parse_label(text: str) -> tuple[str, float]:
-    """"adam:0.013" -> ("adam", 0.013); LicError otherwise."""
-    opt, sep, lmbda = text.rpartition(":")
+def parse_label(text: str) -> tuple[str, float, str | None]:
+    """"adam:0.013" -> ("adam", 0.013, None); "adam:0.013:adam-lr5e-4" -> (..., "adam-lr5e-4"); LicError
+    otherwise."""
+    parts = text.split(":")
     try:
-        if not sep or not opt:
+        if len(parts) not in (2, 3) or not parts[0] or (len(parts) == 3 and not parts[2]):
             raise ValueError
-        return opt.lower(), float(lmbda)
+        return parts[0].lower(), float(parts[1]), parts[2] if len(parts) == 3 else None
     except ValueError:
-        raise LicError(f"label {text!r} is not OPTIMIZER:LAMBDA (for example adam:0.013)") from None
+        raise LicError(f"label {text!r} is not OPTIMIZER:LAMBDA[:FAMILY] (for example adam:0.013 or "
+                       "adam:0.013:adam-lr5e-4)") from None
+
+
+def run_family(optimizer: str, metadata: Mapping[str, Any]) -> str:
+    """The family of runs a model belongs to, so that two runs of one optimizer at one lambda with different
+    hyperparameters make two curves: the metadata's `family` if set, else the optimizer, suffixed with
+    "-lr<lr>" when the training learning rate differs from lic-deploy's default for that optimizer."""
+    from lic_deploy.export.fallback import training_value
+    from lic_deploy.train.optim import DEFAULTS
+
+    family = training_value(metadata, "family")
+    if family:
+        return str(family)
+    hp = training_value(metadata, "hyperparameters")
+    lr = hp.get("lr") if isinstance(hp, Mapping) else None
+    default = DEFAULTS.get(optimizer, {}).get("lr")
+    if lr is None or default is None or math.isclose(float(lr), default, rel_tol=1e-6):
+        return optimizer
+    return f"{optimizer}-lr{float(lr):g}"
 
 
 def resolve_model(path: str | os.PathLike, labels: Mapping[str, str]) -> Model:
@@ -117,15 +141,18 @@ def resolve_model(path: str | os.PathLike, labels: Mapping[str, str]) -> Model:
         _, meta = read_checkpoint(p)
         sha, name, kind = file_sha256(p), p.stem, "checkpoint"
     label = labels.get(name) or labels.get(str(path))
+    family = None
     if label:
-        optimizer, lmbda = parse_label(label)
+        optimizer, lmbda, family = parse_label(label)
     else:
         optimizer, lmbda = training_value(meta, "optimizer"), training_value(meta, "lmbda")
         if optimizer is None or lmbda is None:
             raise LicError(f"{path}: no optimizer/lambda in its metadata; pass --label {name}=OPTIMIZER:LAMBDA")
+    optimizer = str(optimizer).lower()
     steps = training_value(meta, "steps")
     eq = bool(training_value(meta, "equal_quality")) or EQUAL_QUALITY_TAG in name
-    return Model(name, p, kind, str(optimizer).lower(), float(lmbda), None if steps is None else int(steps), eq, sha)
+    return Model(name, p, kind, optimizer, float(lmbda), None if steps is None else int(steps), eq, sha,
+                 family or run_family(optimizer, meta))
 
 
 def plan_variants(model: Model, opts: BenchOptions) -> dict[Variant, str | None]:
@@ -302,25 +329,51 @@ def run_bench(models: Sequence[str | os.PathLike], opts: BenchOptions) -> dict[s
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(models, opts), "environment": environment(opts.threads),
-        "settings": {**{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "labels")},
+        "settings": {**{k: v for k, v in asdict(opts).items() if k not in ("data", "out", "labels", "resume")},
                      "data": str(opts.data), "images": [f.name for f in files], "steps": list(STEPS)},
         "models": [], "rows": [], "summaries": [], "latency": [], "skipped": [], "fallback": [], "outliers": [],
     }
-    bar = tqdm(total=sum(len(p) for p in plans.values()) * len(images), unit="img", file=sys.stderr,
+    partial = opts.out / PARTIAL
+    done = resume_from(partial, results) if opts.resume else set()
+    todo = [m for m in resolved if m.name not in done]
+    bar = tqdm(total=sum(len(plans[m.name]) for m in todo) * len(images), unit="img", file=sys.stderr,
                dynamic_ncols=True)
+    if done:
+        bar.write(f"resumed {len(done)} measured model(s) from {partial}: {', '.join(sorted(done))}")
     torch_threads = torch.get_num_threads()
     if opts.threads:
         torch.set_num_threads(opts.threads)  # export, the torch engine and the outlier statistics
     try:
-        for model in resolved:
+        for model in todo:
             bench_model(model, plans[model.name], images, crops, opts, results, bar)
+            write_json(partial, finite(results))
     finally:
         bar.close()
         torch.set_num_threads(torch_threads)
     results["analysis"] = analyse(results)
     results = finite(results)
     write_json(opts.out / "results.json", results)
+    partial.unlink(missing_ok=True)
     return results
+
+
+PARTIAL = "results.partial.json"
+MODEL_KEYS = ("models", "rows", "summaries", "latency", "skipped", "fallback", "outliers")
+
+
+def resume_from(partial: Path, results: dict[str, Any]) -> set[str]:
+    """Copy the per-model records of an interrupted run into `results`; the names of its finished models.
+    Only a run with the same command line (models, data, every option) is resumed; otherwise nothing is."""
+    try:
+        old = json.loads(partial.read_text())
+    except (OSError, ValueError):
+        return set()
+    same = {k: json.loads(json.dumps(finite(results[k]))) for k in ("command", "settings")}  # tuples -> lists
+    if not isinstance(old, dict) or any(old.get(k) != v for k, v in same.items()):
+        return set()
+    for key in MODEL_KEYS:
+        results[key] += old.get(key, [])
+    return {m["name"] for m in old.get("models", [])}
 
 
 def bench_model(model: Model, plan: Mapping[Variant, str | None],
