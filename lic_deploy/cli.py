@@ -224,7 +224,7 @@ def _report(args: argparse.Namespace) -> int:
     from lic_deploy.bench.runner import load_results
 
     results = load_results(args.results)
-    report = write_report(results, args.output or Path(args.results).parent)
+    report = write_report(results, args.output or Path(args.results).parent, note=args.note)
     print(headline_text(results))
     print(f"\nwrote {report}")
     return 0
@@ -395,10 +395,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("report", help="regenerate report.md and plots from a bench results.json",
-                       description="Write report.md (headline PTQ-loss table, equal-quality comparison, RD points, "
-                       "latency, fallback, outliers) and its PNG plots from results.json alone.")
+                       description="Write report.md (headline PTQ-loss table with 95 %% bootstrap intervals, "
+                       "SOAP/Adam model pairs, RD points, latency, fallback, outliers) and its PNG plots from "
+                       "results.json alone.")
     p.add_argument("results", help="results.json written by lic-deploy bench")
     p.add_argument("-o", "--output", help="output folder (default: the folder of results.json)")
+    p.add_argument("--note", help="a paragraph printed under the report's title (what the models are, caveats)")
     p.set_defaults(func=_report)
 
     p = sub.add_parser("encode", help="images -> .lic bitstreams",

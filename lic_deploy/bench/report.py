@@ -64,18 +64,28 @@ def diff_cell(diff: Mapping[str, Any] | None) -> str:
     return "per point: " + "; ".join(f"λ {p['lmbda']:g}: {diff_change(p)}" for p in diff["points"])
 
 
-def _header(results: Mapping[str, Any]) -> list[str]:
+def _scale(models: Sequence[Mapping[str, Any]]) -> str:
+    """"9 models: mbt2018-mean N=64 M=96, 100-1000 training steps" (architectures and configs as recorded)."""
+    kinds = {f"{m.get('arch', '?')} " + " ".join(f"{k}={v}" for k, v in (m.get("config") or {}).items())
+             for m in models}
+    steps = [m["steps"] for m in models if m.get("steps")]
+    span = f", {min(steps)}-{max(steps)} training steps" if steps else ""
+    return f"{len(models)} models: {'; '.join(sorted(kinds))}{span}"
+
+
+def _header(results: Mapping[str, Any], note: str | None = None) -> list[str]:
     env, st = results["environment"], results["settings"]
     imgs = st["images"]
     names = ", ".join(imgs) if len(imgs) <= 6 else f"{imgs[0]} ... {imgs[-1]}"
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     return [
-        "# lic-deploy bench report", "",
+        "# lic-deploy bench report", "", *([note, ""] if note else []),
         f"Made on {results['created']} by", "", f"    {results['command']}", "",
         "and regenerated from its results.json by `lic-deploy report results.json`.", "",
         f"- machine: {env['cpu']} ({env['cpus_available']} CPUs available), {env['platform']}; "
         f"threads {env['threads']}",
         f"- versions: {versions}",
+        f"- {_scale(results['models'])}",
         f"- images: {len(imgs)} from `{st['data']}` ({names}); calibration: {st['calib'] or 'scikit-image photos'}"
         f" ({st['calib_count']} crops); latency: median of {st['repeat']} runs after {st['warmup']} warm-up",
         "- definitions (PTQ loss, BD-rate, outlier statistics, SQNR): docs/bench.md. Rate is always the byte "
@@ -232,9 +242,9 @@ def _outliers(results: Mapping[str, Any]) -> list[str]:
             "![outlier profile](outlier_profile.png)", "", "![outliers against SQNR](outlier_vs_sqnr.png)", ""]
 
 
-def render(results: Mapping[str, Any], an: Mapping[str, Any]) -> str:
-    """The report's markdown; `an` is `compare.analyse(results)`."""
-    lines = [*_header(results), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_pairs(an),
+def render(results: Mapping[str, Any], an: Mapping[str, Any], note: str | None = None) -> str:
+    """The report's markdown; `an` is `compare.analyse(results)`; `note` a paragraph under the title."""
+    lines = [*_header(results, note), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_pairs(an),
              "![PTQ loss per model pair](pairs.png)", "", *_optimizers(an), "![rate-distortion curves](rd_curves.png)",
              "", *_rd_table(results), *_latency(an, results), "![latency](latency.png)", "", *_fallback(an),
              *_outliers(results), *_outlier_pairs(an)]
@@ -247,8 +257,8 @@ def render(results: Mapping[str, Any], an: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_report(results: Mapping[str, Any], out: str | os.PathLike) -> Path:
-    """Write OUT/report.md and the plots it shows; returns the report's path."""
+def write_report(results: Mapping[str, Any], out: str | os.PathLike, note: str | None = None) -> Path:
+    """Write OUT/report.md and the plots it shows (`note`: a paragraph under the title); the report's path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,7 +275,7 @@ def write_report(results: Mapping[str, Any], out: str | os.PathLike) -> Path:
     path = out / "report.md"
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(render(results, an) + "\n")
+        tmp.write_text(render(results, an, note) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -435,10 +445,15 @@ def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
         _empty(path, f"no {BASE}/{TEST} pair at one λ measured")
         return
     variants = list({r["variant"]: None for p in found for r in p["rows"]})
-    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants) + 1, 3.8), squeeze=False, sharey=True)
+    cols = min(3, len(variants))
+    rows = -(-len(variants) // cols)
+    width = max(3.5, 0.55 * len(found) + 1)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, 3.9 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(variants):]:
+        ax.axis("off")
     x = np.arange(len(found))
     labels = [f"λ {p['lmbda']:g}\n{p[BASE]['curve']} / {p[TEST]['curve']}" for p in found]
-    for ax, variant in zip(axes[0], variants, strict=True):
+    for ax, variant in zip(axes.flat, variants, strict=False):
         for i, side in enumerate((BASE, TEST)):
             vals, errs = [], []
             for p in found:
@@ -452,7 +467,8 @@ def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
         ax.set_xticks(x, labels, fontsize=6.5, rotation=35, ha="right")
         ax.set_title(variant.split(":", 1)[1], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].set_ylabel("PSNR change vs FP32, dB (95 % CI)")
+    for row in axes:
+        row[0].set_ylabel("PSNR change vs FP32, dB (95 % CI)")
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
 
@@ -476,7 +492,7 @@ def plot_outlier_pair(an: Mapping[str, Any], path: Path) -> None:
             ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, color=COLOURS[side], label=f"{side}: {op[side]}")
         ax.set(ylabel=label, yscale="log" if log else "linear")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].set_title(f"equal FP32 quality, λ {op['lmbda']:g}: {TEST} has {op['verdict']} outliers")
+    axes[0].set_title(f"equal FP32 quality, λ {op['lmbda']:g}: outliers of {TEST} against {BASE}: {op['verdict']}")
     axes[0].legend(fontsize=7)
     axes[2].set_xticks(x, names, rotation=60, ha="right", fontsize=7)
     _save(fig, path)
