@@ -183,7 +183,7 @@ def _build(args: argparse.Namespace) -> int:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS
     from lic_deploy.runtime.engines import BACKENDS
-    from lic_deploy.runtime.package import PRECISIONS
+    from lic_deploy.runtime.package import ENGINE_PRECISIONS as PRECISIONS
 
     p.add_argument("package", help="codec package directory (from lic-deploy export)")
     p.add_argument("--backend", choices=BACKENDS, default="ort",
@@ -211,7 +211,7 @@ def _bench(args: argparse.Namespace) -> int:
                         repeat=args.repeat, warmup=args.warmup, threads=args.threads, calib=args.calib,
                         calib_count=args.calib_count, calib_size=args.calib_size, labels=labels,
                         outlier_images=args.outlier_images,
-                        fallback_target=args.fallback_target, resume=args.resume)
+                        fallback_target=args.fallback_target, resume=args.resume, device=args.device)
     results = run_bench(args.models, opts)
     report = write_report(results, opts.out)
     print(headline_text(results))
@@ -223,8 +223,20 @@ def _report(args: argparse.Namespace) -> int:
     from lic_deploy.bench.report import headline_text, write_report
     from lic_deploy.bench.runner import load_results
 
-    results = load_results(args.results)
-    report = write_report(results, args.output or Path(args.results).parent, note=args.note)
+    if len(args.results) == 1:
+        results = load_results(args.results[0])
+        out = Path(args.output or Path(args.results[0]).parent)
+    else:
+        from lic_deploy.bench.merge import merge_results
+        from lic_deploy.bench.runner import finite, write_json
+
+        if not args.output:
+            raise LicError("report with several results files needs -o DIR (the merged results.json goes there)")
+        results = merge_results([load_results(r) for r in args.results], args.results)
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "results.json", finite(results))
+    report = write_report(results, out, note=args.note)
     print(headline_text(results))
     print(f"\nwrote {report}")
     return 0
@@ -360,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_build)
 
     from lic_deploy.runtime.engines import BACKENDS
-    from lic_deploy.runtime.package import PRECISIONS
+    from lic_deploy.runtime.package import ENGINE_PRECISIONS as PRECISIONS
 
     p = sub.add_parser("bench", help="measure PTQ loss, outliers and latency of models (SOAP against Adam)",
                        description="Export each checkpoint (once per calibration method), really encode and decode "
@@ -389,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images for the outlier statistics (default 2; 0 skips them)")
     p.add_argument("--fallback-target", type=float, metavar="PCT",
                    help="also measure INT8 with --fallback auto at this target (percent)")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where the GPU engines run: with cuda, --backends torch runs PyTorch CUDA (fp32, fp16, bf16) "
+                   "and tensorrt runs TensorRT (fp32, fp16, int8) next to the CPU engines (ort); default cpu")
     p.add_argument("--resume", action="store_true",
                    help="after an interruption: keep the models already measured by the same command "
                    "(OUT/results.partial.json, written after each model) and measure the rest")
@@ -398,8 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write report.md (headline PTQ-loss table with 95 %% bootstrap intervals, "
                        "SOAP/Adam model pairs, RD points, latency, fallback, outliers) and its PNG plots from "
                        "results.json alone.")
-    p.add_argument("results", help="results.json written by lic-deploy bench")
-    p.add_argument("-o", "--output", help="output folder (default: the folder of results.json)")
+    p.add_argument("results", nargs="+", help="results.json written by lic-deploy bench; several (for example a CPU "
+                   "run and a GPU run over the same images) are merged into one report, the first file winning "
+                   "for a model and variant measured twice")
+    p.add_argument("-o", "--output", help="output folder (default: the folder of results.json; required with "
+                   "several files, and the merged results.json is written there)")
     p.add_argument("--note", help="a paragraph printed under the report's title (what the models are, caveats)")
     p.set_defaults(func=_report)
 

@@ -227,12 +227,22 @@ def pairs(ptq: Sequence[Mapping[str, Any]], models: Sequence[Mapping[str, Any]],
     return sorted(out, key=lambda p: (p["kind"] != "equal FP32 quality", p["lmbda"]))
 
 
-def latency_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per variant: the median over models of each step's median seconds, the float transforms' sum, and its
-    ratio to torch:fp32 and ort:fp32 when those were measured (same run, same machine)."""
-    by_variant: dict[str, list[Mapping[str, Any]]] = {}
+GPU_BASELINE = "torch-cuda:fp32"
+
+
+def _by_variant(results: Mapping[str, Any], gpu: bool) -> dict[str, list[Mapping[str, Any]]]:
+    """Latency records grouped by variant: CPU engines only, or GPU engines only."""
+    out: dict[str, list[Mapping[str, Any]]] = {}
     for rec in results["latency"]:
-        by_variant.setdefault(rec["variant"], []).append(rec)
+        if (rec.get("device", "cpu") != "cpu") == gpu:
+            out.setdefault(rec["variant"], []).append(rec)
+    return out
+
+
+def latency_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per CPU variant: the median over models of each step's median seconds, the float transforms' sum, and its
+    ratio to torch:fp32 and ort:fp32 when those were measured (same run, same machine)."""
+    by_variant = _by_variant(results, gpu=False)
     rows = []
     for variant, recs in by_variant.items():
         med = {s: statistics.median(r["median_s"][s] for r in recs) for s in STEPS}
@@ -244,6 +254,30 @@ def latency_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     for r in rows:
         for ref in ("torch:fp32", "ort:fp32"):
             r[f"vs_{ref.replace(':', '_')}"] = r["transforms_s"] / base[ref] if base.get(ref) else None
+    return rows
+
+
+def gpu_latency_table(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per GPU variant (torch-cuda, tensorrt): median over models of each float stage's synchronised
+    milliseconds, of whole encode and decode host to host (entropy coding on the CPU included), frames per
+    second of each, and ratios to PyTorch CUDA FP32 (stages: sum of the three; codec: encode + decode)."""
+    rows = []
+    for variant, recs in _by_variant(results, gpu=True).items():
+        synced = [r["synced"] for r in recs if r.get("synced")]
+        stage_ms = {s: statistics.median(x["ms"][s] for x in synced) for s in TRANSFORM_STEPS} if synced else {}
+        enc, dec = (statistics.median(r[k] for r in recs) for k in ("encode_s", "decode_s"))
+        rows.append({"variant": variant, "device": recs[0].get("device"), "models": len(recs),
+                     "image": f"{recs[0]['width']}x{recs[0]['height']}",
+                     "mode": synced[0]["mode"] if synced else None, "stage_ms": stage_ms,
+                     "stages_ms": sum(stage_ms.values()) if stage_ms else None,
+                     "encode_ms": 1000 * enc, "decode_ms": 1000 * dec, "encode_fps": 1 / enc if enc else None,
+                     "decode_fps": 1 / dec if dec else None})
+    base = next((r for r in rows if r["variant"] == GPU_BASELINE), None)
+    for r in rows:
+        r["stages_vs_baseline"] = r["stages_ms"] / base["stages_ms"] if base and base["stages_ms"] and \
+            r["stages_ms"] else None
+        r["codec_vs_baseline"] = (r["encode_ms"] + r["decode_ms"]) / (base["encode_ms"] + base["decode_ms"]) \
+            if base else None
     return rows
 
 
@@ -289,4 +323,5 @@ def analyse(results: Mapping[str, Any]) -> dict[str, Any]:
             {"reps": data.boot.reps, "level": data.boot.level, "images": data.boot.n},
             "ptq_loss": ptq, "headline": headline, "optimizers": optimizers, "pairs": found,
             "outlier_pairs": outlier_pairs(results, found), "latency": latency_table(results),
+            "gpu_latency": gpu_latency_table(results),
             "fallback": fallback_cost(results), "fallback_vs_sqnr": fallback_vs_sqnr(results)}

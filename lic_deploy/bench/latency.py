@@ -7,14 +7,21 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall-clock seconds of `fn()` over `repeat` runs after `warmup` untimed runs."""
+def median_seconds(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1,
+                   sync: Callable[[], object] | None = None) -> float:
+    """Median wall-clock seconds of `fn()` over `repeat` runs after `warmup` untimed runs. With `sync` (for
+    example `torch.cuda.synchronize`), every run is timed from a synchronised start to a synchronised end, so
+    work a GPU queued asynchronously is counted in the run that queued it."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(max(1, repeat)):
+        if sync:
+            sync()
         t0 = time.perf_counter()
         fn()
+        if sync:
+            sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.bench.compare import ANCHOR, BASE, TEST, analyse
+from lic_deploy.bench.compare import ANCHOR, BASE, GPU_BASELINE, TEST, analyse
 from lic_deploy.bench.latency import format_table
-from lic_deploy.bench.runner import STEPS
+from lic_deploy.bench.runner import STEPS, TRANSFORM_STEPS
 
 COLOURS = {BASE: "tab:blue", TEST: "tab:orange", f"{BASE}-eq": "tab:green", f"{TEST}-eq": "tab:red"}
 
@@ -74,22 +74,28 @@ def _scale(models: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _header(results: Mapping[str, Any], note: str | None = None) -> list[str]:
-    env, st = results["environment"], results["settings"]
+    st = results["settings"]
     imgs = st["images"]
     names = ", ".join(imgs) if len(imgs) <= 6 else f"{imgs[0]} ... {imgs[-1]}"
-    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    return [
-        "# lic-deploy bench report", "", *([note, ""] if note else []),
-        f"Made on {results['created']} by", "", f"    {results['command']}", "",
-        "and regenerated from its results.json by `lic-deploy report results.json`.", "",
-        f"- machine: {env['cpu']} ({env['cpus_available']} CPUs available), {env['platform']}; "
-        f"threads {env['threads']}",
-        f"- versions: {versions}",
-        f"- {_scale(results['models'])}",
-        f"- images: {len(imgs)} from `{st['data']}` ({names}); calibration: {st['calib'] or 'scikit-image photos'}"
-        f" ({st['calib_count']} crops); latency: median of {st['repeat']} runs after {st['warmup']} warm-up",
-        "- definitions (PTQ loss, BD-rate, outlier statistics, SQNR): docs/bench.md. Rate is always the byte "
-        "length of real .lic streams.", ""]
+    sources = results.get("sources") or [{"file": None, "created": results["created"],
+                                          "command": results["command"], "environment": results["environment"]}]
+    lines = ["# lic-deploy bench report", "", *([note, ""] if note else [])]
+    if len(sources) > 1:
+        lines += [f"Merged by `lic-deploy report` from {len(sources)} runs over the same images (the first run wins "
+                  "for a model and variant measured twice):", ""]
+    for src in sources:
+        env = src["environment"]
+        versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        lines += [f"Made on {src['created']}" + (f" (`{src['file']}`)" if src["file"] else "") + " by", "",
+                  f"    {src['command']}", "",
+                  f"- machine: {env['cpu']} ({env['cpus_available']} CPUs available), {env['platform']}; "
+                  f"threads {env['threads']}", f"- versions: {versions}", ""]
+    return [*lines, "Regenerated from results.json by `lic-deploy report`.", "",
+            f"- {_scale(results['models'])}",
+            f"- images: {len(imgs)} from `{st['data']}` ({names}); calibration: {st['calib'] or 'scikit-image photos'}"
+            f" ({st['calib_count']} crops); latency: median of {st['repeat']} runs after {st['warmup']} warm-up",
+            "- definitions (PTQ loss, BD-rate, intervals, outlier statistics, SQNR): docs/bench.md. Rate is always "
+            "the byte length of real .lic streams.", ""]
 
 
 def _bootstrap_line(an: Mapping[str, Any]) -> str:
@@ -190,6 +196,25 @@ def _latency(an: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
                          rows), ""]
 
 
+def _gpu_latency(an: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    head = ["## GPU latency", ""]
+    if not an["gpu_latency"]:
+        gpu_skips = {s["reason"] for s in results["skipped"] if s.get("device", "cpu") != "cpu"}
+        why = "; ".join(sorted(gpu_skips)) if gpu_skips else \
+            "this run used no GPU (`lic-deploy bench --device cuda` measures PyTorch CUDA and TensorRT)"
+        return [*head, f"No GPU rows: {why}.", ""]
+    rows = [[r["variant"], r["device"], *(_num(r["stage_ms"].get(s)) for s in TRANSFORM_STEPS), _num(r["stages_ms"]),
+             _num(r["stages_vs_baseline"]), _num(r["encode_ms"]), _num(r["decode_ms"]), _num(r["encode_fps"]),
+             _num(r["decode_fps"]), _num(r["codec_vs_baseline"])] for r in an["gpu_latency"]]
+    first = an["gpu_latency"][0]
+    return [*head, f"On {first['image']} pixels, median over models. Stages: milliseconds between two CUDA "
+            f"synchronisations ({first['mode']}); encode and decode: host to host, the CPU's integer entropy "
+            f"model and range coder included; fps = 1 / that time. Ratios against {GPU_BASELINE} of the same run.",
+            "", format_table(["variant", "device", "g_a ms", "h_a ms", "g_s ms", "stages ms",
+                              f"vs {GPU_BASELINE}", "encode ms", "decode ms", "encode fps", "decode fps",
+                              f"codec vs {GPU_BASELINE}"], rows), "", "![GPU latency](gpu_latency.png)", ""]
+
+
 def _fallback(an: Mapping[str, Any]) -> list[str]:
     if not an["fallback"]:
         return []
@@ -246,7 +271,8 @@ def render(results: Mapping[str, Any], an: Mapping[str, Any], note: str | None =
     """The report's markdown; `an` is `compare.analyse(results)`; `note` a paragraph under the title."""
     lines = [*_header(results, note), *_headline(an), "![PTQ loss](ptq_loss.png)", "", *_pairs(an),
              "![PTQ loss per model pair](pairs.png)", "", *_optimizers(an), "![rate-distortion curves](rd_curves.png)",
-             "", *_rd_table(results), *_latency(an, results), "![latency](latency.png)", "", *_fallback(an),
+             "", *_rd_table(results), *_latency(an, results), "![latency](latency.png)", "",
+             *_gpu_latency(an, results), *_fallback(an),
              *_outliers(results), *_outlier_pairs(an)]
     if results["skipped"]:
         groups: dict[tuple[str, str], list[str]] = {}
@@ -271,6 +297,8 @@ def write_report(results: Mapping[str, Any], out: str | os.PathLike, note: str |
     plot_outlier_sqnr(results, out / "outlier_vs_sqnr.png")
     plot_latency(an, out / "latency.png")
     plot_pairs(an, out / "pairs.png")
+    if an["gpu_latency"]:
+        plot_gpu_latency(an, out / "gpu_latency.png")
     plot_outlier_pair(an, out / "outliers_equal_quality.png")
     path = out / "report.md"
     tmp = path.with_name(f".{path.name}.tmp")
@@ -495,4 +523,26 @@ def plot_outlier_pair(an: Mapping[str, Any], path: Path) -> None:
     axes[0].set_title(f"equal FP32 quality, λ {op['lmbda']:g}: outliers of {TEST} against {BASE}: {op['verdict']}")
     axes[0].legend(fontsize=7)
     axes[2].set_xticks(x, names, rotation=60, ha="right", fontsize=7)
+    _save(fig, path)
+
+
+def plot_gpu_latency(an: Mapping[str, Any], path: Path) -> None:
+    """GPU variants: synchronised stage milliseconds stacked, and decode frames per second beside them."""
+    import matplotlib.pyplot as plt
+
+    rows = an["gpu_latency"]
+    fig, (ax, fps) = plt.subplots(1, 2, figsize=(10, 0.5 * len(rows) + 1.8), sharey=True)
+    left = np.zeros(len(rows))
+    for step in TRANSFORM_STEPS:
+        ms = np.array([r["stage_ms"].get(step, np.nan) for r in rows], dtype=float)
+        ax.barh(range(len(rows)), np.nan_to_num(ms), left=left, label=step)
+        left += np.nan_to_num(ms)
+    ax.set_yticks(range(len(rows)), [r["variant"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlabel="ms, synchronised (median)", title="float stages on the GPU")
+    ax.legend(fontsize=7)
+    for i, key in enumerate(("encode_fps", "decode_fps")):
+        fps.barh(np.arange(len(rows)) + (i - 0.5) * 0.4, [r[key] or 0 for r in rows], 0.4, label=key[:6])
+    fps.set(xlabel=f"frames per second at {rows[0]['image']} (host to host)", title="whole codec")
+    fps.legend(fontsize=7)
     _save(fig, path)

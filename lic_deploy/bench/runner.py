@@ -33,7 +33,8 @@ SCHEMA = "lic-deploy/bench"
 SCHEMA_VERSION = 1
 STEPS = ("g_a", "h_a", "entropy_encode", "entropy_decode", "g_s")
 TRANSFORM_STEPS = ("g_a", "h_a", "g_s")  # the float transforms an engine runs
-FLOAT_ONLY_BACKENDS = ("torch",)  # backends without INT8 graphs: only fp32/fp16 variants are tried
+FLOAT_ONLY_BACKENDS = ("torch",)  # backends without INT8 graphs: only float variants are tried
+GPU_BACKENDS = ("torch", "tensorrt")  # the backends that run on --device cuda (ONNX Runtime stays on the CPU)
 EQUAL_QUALITY_TAG = "-eq-"  # a model name containing this is an "equal FP32 quality" model
 
 
@@ -58,6 +59,7 @@ class BenchOptions:
     outlier_images: int = 2  # images for the outlier statistics; 0 = skip them
     fallback_target: float | None = None  # percent: also bench INT8 with automatic FP32 fallback (first method)
     resume: bool = False  # keep the models already measured in OUT/results.partial.json by the same command
+    device: str = "cpu"  # "cuda[:N]": torch and tensorrt run there (see `plan_variants`)
 
 
 @dataclass
@@ -82,15 +84,21 @@ class Model:
 @dataclass(frozen=True)
 class Variant:
     backend: str
-    precision: str  # a package precision: fp32, fp16, int8, int8-u8s8
+    precision: str  # a package precision (fp32, fp16, int8, int8-u8s8), or bf16 for the torch engine on CUDA
     calib: str | None = None  # calibration method of INT8 graphs
     fallback: bool = False  # INT8 with automatic FP32 fallback
+    device: str = "cpu"  # "cpu" or "cuda[:N]"
+
+    @property
+    def engine(self) -> str:
+        """The engine as rows name it: "ort", "torch" (CPU), "torch-cuda", "tensorrt" (always a GPU)."""
+        return f"{self.backend}-cuda" if self.backend == "torch" and self.device != "cpu" else self.backend
 
     @property
     def key(self) -> str:
-        """"ort:fp32", "ort:int8:minmax", "ort:int8-fb:minmax", ..."""
+        """"ort:fp32", "ort:int8:minmax", "ort:int8-fb:minmax", "torch-cuda:bf16", "tensorrt:int8:minmax", ..."""
         name = f"{self.precision}-fb" if self.fallback else self.precision
-        return f"{self.backend}:{name}" + (f":{self.calib}" if self.calib else "")
+        return f"{self.engine}:{name}" + (f":{self.calib}" if self.calib else "")
 
 
 def parse_label(text: str) -> tuple[str, float, str | None]:
@@ -155,10 +163,26 @@ def resolve_model(path: str | os.PathLike, labels: Mapping[str, str]) -> Model:
                  family or run_family(optimizer, meta))
 
 
+def engine_device(backend: str, device: str) -> str:
+    """Where a backend runs in this bench: ONNX Runtime on the CPU; torch and TensorRT on `device` when it is a
+    GPU (TensorRT needs one: on a CPU-only bench it runs on cuda and is skipped with the reason if absent)."""
+    if backend not in GPU_BACKENDS:
+        return "cpu"
+    return device if device != "cpu" or backend == "torch" else "cuda"
+
+
 def plan_variants(model: Model, opts: BenchOptions) -> dict[Variant, str | None]:
-    """Variant -> package folder name under OUT/packages for a checkpoint (None: the model itself, a package)."""
+    """Variant -> package folder name under OUT/packages for a checkpoint (None: the model itself, a package).
+    bf16 is a torch-on-CUDA precision only (no graph of its own); it is not planned for other engines."""
     precisions = ["fp32", *[p for p in opts.precisions if p != "fp32"]]
     out: dict[Variant, str | None] = {}
+
+    def variant(backend: str, p: str, calib: str | None = None, fallback: bool = False) -> Variant | None:
+        device = engine_device(backend, opts.device)
+        if p == "bf16" and not (backend == "torch" and device != "cpu"):
+            return None
+        return Variant(backend, p, calib, fallback, device)
+
     if model.kind == "package":
         from lic_deploy.runtime.package import Package
 
@@ -168,20 +192,23 @@ def plan_variants(model: Model, opts: BenchOptions) -> dict[Variant, str | None]
         for backend in opts.backends:
             for p in precisions:
                 q = p.startswith("int8")
-                if p in have and not (q and backend in FLOAT_ONLY_BACKENDS):
-                    out[Variant(backend, p, method if q else None, fb and q)] = None
+                v = variant(backend, p, method if q else None, fb and q)
+                if v and (p in have or p == "bf16") and not (q and backend in FLOAT_ONLY_BACKENDS):
+                    out[v] = None
         return out
     quantized = [p for p in precisions if p.startswith("int8")]
     first = f"{model.name}.{opts.calib_methods[0]}" if quantized else model.name
     for backend in opts.backends:
         for p in precisions:
             if p not in quantized:
-                out[Variant(backend, p)] = first
+                v = variant(backend, p)
+                if v:
+                    out[v] = first
             elif backend not in FLOAT_ONLY_BACKENDS:
                 for m in opts.calib_methods:
-                    out[Variant(backend, p, m)] = f"{model.name}.{m}"
+                    out[variant(backend, p, m)] = f"{model.name}.{m}"
                     if opts.fallback_target is not None and m == opts.calib_methods[0]:
-                        out[Variant(backend, p, m, True)] = f"{model.name}.{m}.fb"
+                        out[variant(backend, p, m, True)] = f"{model.name}.{m}.fb"
     return out
 
 
@@ -194,7 +221,8 @@ def export_for(model: Model, variants: Mapping[Variant, str | None], opts: Bench
     for variant, folder in variants.items():
         if folder is None or folder in folders:
             continue
-        precisions = sorted({v.precision for v, f in variants.items() if f == folder} | {"fp32"})
+        precisions = sorted({v.precision for v, f in variants.items() if f == folder and v.precision != "bf16"}
+                            | {"fp32"})
         options = ExportOptions(precisions=precisions, calib=opts.calib, calib_count=opts.calib_count,
                                 calib_size=opts.calib_size,
                                 calib_method=variant.calib or opts.calib_methods[0], overwrite=True,
@@ -284,6 +312,7 @@ def command_line(models: Sequence[str | os.PathLike], opts: BenchOptions) -> str
              "--outlier-images", str(opts.outlier_images)]
     parts += ["--threads", str(opts.threads)] if opts.threads else []
     parts += ["--calib", str(opts.calib)] if opts.calib else []
+    parts += ["--device", opts.device] if opts.device != "cpu" else []
     parts += ["--fallback-target", f"{opts.fallback_target:g}"] if opts.fallback_target is not None else []
     for name, label in opts.labels.items():
         parts += ["--label", f"{name}={label}"]
@@ -313,6 +342,7 @@ def run_bench(models: Sequence[str | os.PathLike], opts: BenchOptions) -> dict[s
 
     if not models:
         raise LicError("no models given")
+    check_device(opts.device)
     resolved = [resolve_model(m, opts.labels) for m in models]
     names = [m.name for m in resolved]
     if len(set(names)) != len(names):
@@ -376,6 +406,38 @@ def resume_from(partial: Path, results: dict[str, Any]) -> set[str]:
     return {m["name"] for m in old.get("models", [])}
 
 
+def check_device(device: str) -> None:
+    """LicError (one line) unless `device` is "cpu", or "cuda[:N]" with that CUDA device present."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise LicError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    import torch
+
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise LicError(f"--device {device}: torch {torch.__version__} sees no such CUDA device "
+                       f"({torch.cuda.device_count()} found); GPU rows need an NVIDIA GPU, run without --device here")
+
+
+def synced_stage_ms(engine: Any, package: Any, image: np.ndarray, repeat: int, warmup: int) -> dict[str, Any]:
+    """Per float stage of one image, median milliseconds between two device synchronisations: with the input
+    already on the device where the engine offers `stage_timer` (torch), else host to host through `run`."""
+    from lic_deploy.bench.latency import median_seconds
+    from lic_deploy.runtime.images import pad_to_multiple
+
+    x = pad_to_multiple(image, int(package.geometry["pad_multiple"]))[0][None]
+    y = engine.run("g_a", x)
+    inputs = {"g_a": x, "h_a": y, "g_s": np.round(y)}
+    sync = getattr(engine, "synchronize", None)
+    timer = getattr(engine, "stage_timer", None)
+    ms = {s: 1000 * median_seconds(timer(s, v) if timer else (lambda s=s, v=v: engine.run(s, v)), repeat=repeat,
+                                   warmup=warmup, sync=sync) for s, v in inputs.items()}
+    return {"ms": ms, "mode": "device-resident" if timer else "host to host"}
+
+
 def bench_model(model: Model, plan: Mapping[Variant, str | None],
                 images: Sequence[tuple[str, np.ndarray, np.ndarray]], crops: Sequence[np.ndarray],
                 opts: BenchOptions, results: dict[str, Any], bar: Any) -> None:
@@ -390,10 +452,10 @@ def bench_model(model: Model, plan: Mapping[Variant, str | None],
                               "packages": {k: str(v) for k, v in folders.items()}})
     for variant, folder in plan.items():
         bar.set_description(f"{model.name} {variant.key}")
-        tag = {"model": model.name, "variant": variant.key}
+        tag = {"model": model.name, "variant": variant.key, "engine": variant.engine, "device": variant.device}
         try:
             codec = Codec(model.path if folder is None else folders[folder], variant.backend, variant.precision,
-                          threads=opts.threads)
+                          threads=opts.threads, device=variant.device)
             for _ in range(max(1, opts.warmup)):
                 _encode_decode(codec, images[0][1])
         except LicError as exc:  # backend or precision not available here
@@ -402,6 +464,9 @@ def bench_model(model: Model, plan: Mapping[Variant, str | None],
             bar.update(len(images))
             continue
         rows, latency = run_variant(codec, images, opts, lambda: bar.update(1))
+        if variant.device != "cpu":
+            latency["synced"] = synced_stage_ms(codec.engine, codec.package, images[0][1], opts.repeat,
+                                                max(1, opts.warmup))
         results["rows"] += [{**tag, **r} for r in rows]
         results["summaries"].append({**tag, **asdict(variant), **summarize(rows)})
         results["latency"].append({**tag, **latency})

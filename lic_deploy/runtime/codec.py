@@ -36,10 +36,10 @@ class Codec:
     """A package bound to one engine. `timings` holds the seconds of each step of the last call."""
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
-                 threads: int | None = None, engine: Engine | None = None,
+                 threads: int | None = None, engine: Engine | None = None, device: str = "cpu",
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         self.package = package if isinstance(package, Package) else Package.open(package)
-        self.engine = engine or create_engine(self.package, backend, precision, threads=threads)
+        self.engine = engine or create_engine(self.package, backend, precision, threads=threads, device=device)
         self.max_pixels = max_pixels
         self.timings: dict[str, float] = {}
         self._entropy: EntropyModel | None = None

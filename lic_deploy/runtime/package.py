@@ -23,6 +23,7 @@ SCHEMA = "lic-deploy/package"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-u8s8")
+ENGINE_PRECISIONS = (*PRECISIONS, "bf16")  # bf16: no graph of its own; the torch engine on CUDA casts
 
 
 def file_sha256(path: Path) -> str:
