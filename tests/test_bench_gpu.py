@@ -211,3 +211,22 @@ def test_merge_a_cpu_run_and_a_gpu_run(gpu_doc: dict, tiny: dict[str, Path],
     other["models"][0]["sha256"] = "f" * 64
     with pytest.raises(LicError, match="another file"):
         merge_results([cpu, other])
+
+
+def test_prepared_gpu_script_refuses_without_a_gpu(tiny: dict[str, Path]) -> None:
+    """scripts/bench_gpu.sh: usage without models; on a machine without CUDA, the bench's one-line refusal."""
+    import subprocess
+    import sys
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PY": sys.executable, "DATA": str(tiny["images"]),
+           "OUT": str(tiny["root"] / "script-out")}
+    usage = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and "usage: scripts/bench_gpu.sh MODEL" in usage.stderr
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    run = subprocess.run(["bash", str(script), str(tiny["a"]), "--label", "tiny-a=adam:0.013"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("lic-deploy: error: --device cuda")
