@@ -142,6 +142,15 @@ def _two_widths(text: str) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _milestones(text: str) -> tuple[float, ...]:
+    from lic_deploy.train.schedule import parse_milestones
+
+    try:
+        return parse_milestones(text)
+    except LicError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _train(args: argparse.Namespace) -> int:
     from lic_deploy.train.loop import TrainConfig, train
 
@@ -151,9 +160,12 @@ def _train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
                       resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
-                      context_widths=args.context_widths)
+                      context_widths=args.context_widths, device=args.device, amp=args.amp, schedule=args.schedule,
+                      lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
+                      data_mode=args.data_mode, workers=args.workers, small=args.small)
     path = train(cfg)
-    print(f"wrote {path} and {path}.jsonl")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {path} and {path}.jsonl")
     return 0
 
 
@@ -323,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder for convergence.png and .json")
     p.set_defaults(func=_convergence)
 
+    from lic_deploy.train.schedule import KINDS
+
     p = sub.add_parser("train", help="train a codec with SOAP or Adam",
                        description="Rate-distortion training (loss = lmbda * 255^2 * MSE + bpp) on random crops of "
                        "an image folder, logging loss, bpp, PSNR and the SOAP study's intra-/inter-step alignment "
@@ -356,6 +370,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
+                   help="where to train (default cpu); under torchrun with cuda each process takes cuda:LOCAL_RANK")
+    p.add_argument("--amp", choices=("bf16",), help="run the transforms in bfloat16 (autocast); the likelihoods and "
+                   "the loss stay float32")
+    p.add_argument("--schedule", choices=KINDS, default="constant",
+                   help="learning rate after the warm-up: constant (default), multistep or cosine")
+    p.add_argument("--lr-milestones", type=_milestones, default=(), metavar="A,B",
+                   help="multistep: where the rate drops, fractions of --steps (0.9,0.96) or step numbers")
+    p.add_argument("--lr-gamma", type=float, default=0.1, help="multistep: factor at each milestone (0.1)")
+    p.add_argument("--accum", type=_positive, default=1,
+                   help="micro-batches per process and step, gradients accumulated (--batch is the global batch)")
+    p.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
+                   help="memory: hold every image (small folders); stream: decode crops per step, folders of any "
+                   "size and depth; auto (default): stream for nested folders, over 2000 images or with --workers")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding crops (stream mode; 0)")
+    p.add_argument("--small", choices=("skip", "upscale"), default="skip",
+                   help="stream mode: images smaller than the crop are skipped (default) or upscaled to it")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("build", help="ahead-of-time TensorRT engines for a package (NVIDIA GPU)",

@@ -126,6 +126,17 @@ def load_model(path: str | os.PathLike, arch: str | None = None) -> LoadedModel:
     return LoadedModel(model, name, config, Path(path), file_sha256(Path(path)), meta)
 
 
+def to_cpu(obj: Any) -> Any:
+    """`obj` with every tensor inside (dicts, lists, tuples) on the CPU: checkpoints written on a GPU load anywhere."""
+    if hasattr(obj, "detach") and hasattr(obj, "cpu"):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, model: Any, arch: str, config: dict[str, int],
                     metadata: dict[str, Any] | None = None, **extra: Any) -> None:
     """Write a lic-deploy checkpoint atomically (temporary file, then rename). `extra` holds optimizer states."""
@@ -133,7 +144,7 @@ def save_checkpoint(path: str | os.PathLike, model: Any, arch: str, config: dict
 
     path = Path(path)
     obj = {FORMAT_KEY: FORMAT_VERSION, "arch": arch, "config": dict(config),
-           "state_dict": model.state_dict(), "metadata": dict(metadata or {}), **extra}
+           "state_dict": to_cpu(model.state_dict()), "metadata": dict(metadata or {}), **to_cpu(extra)}
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         torch.save(obj, tmp)

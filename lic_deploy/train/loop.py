@@ -1,17 +1,23 @@
-"""`lic-deploy train`: rate-distortion training with SOAP or Adam, resumable bit-exactly.
+"""`lic-deploy train`: rate-distortion training with SOAP or Adam, on the CPU or CUDA GPUs, resumable bit-exactly.
 
 Loss = lmbda * 255^2 * MSE + bpp (CompressAI's convention; bpp from the likelihoods, an entropy estimate).
-Learning rate: linear warm-up, then constant (CompressAI's usual schedule without plateau decay), so that a
-run can be extended, as the equal-quality comparison needs, without changing the steps already taken.
-Every batch and every noise draw is seeded by (seed, step), so a resumed run repeats an uninterrupted one.
+Learning rate: linear warm-up, then constant (the default, so that a run can be extended, as the equal-quality
+comparison needs, without changing the steps already taken), multi-step decay or cosine (`schedule.py`).
+
+The global batch of a step is split into shards: world size (torchrun processes) x `accum` (micro-batches per
+process, gradients accumulated). Every crop is seeded by (seed, step, item) and every shard's quantization
+noise by (seed, step, shard), so a resumed run repeats an uninterrupted one, and K processes compute what one
+process with --accum K computes (up to the order of float additions in the gradient average).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +25,9 @@ from typing import Any
 import numpy as np
 
 from lic_deploy.errors import CheckpointError, DataError, LicError
+
+STREAM_ABOVE = 2000  # --data-mode auto streams folders with more images than this (or with subfolders)
+DATA_MODES = ("auto", "memory", "stream")
 
 
 @dataclass
@@ -35,11 +44,14 @@ class TrainConfig:
     val: str | None = None
     val_count: int = 6
     steps: int = 2000
-    batch: int = 8
+    batch: int = 8  # the global batch: over all processes and micro-batches
     patch: int = 128
     downscale: int | None = 256
     lr: float | None = None
     warmup: int = 100
+    schedule: str = "constant"  # constant | multistep | cosine
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.1
     clip: float = 1.0
     seed: int = 0
     log_every: int = 50
@@ -51,6 +63,12 @@ class TrainConfig:
     limit: int | None = None  # use only the first `limit` training images (tests)
     until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
     context_widths: tuple[int, int] | None = None  # ELIC: channel-context hidden widths (None: CompressAI's)
+    device: str = "cpu"  # cpu, cuda, cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
+    amp: str | None = None  # "bf16": the transforms in bfloat16, likelihoods and loss in float32
+    accum: int = 1  # micro-batches per process and step
+    data_mode: str = "auto"  # memory (every image held) | stream (decoded per item) | auto
+    workers: int = 0  # DataLoader worker processes (stream mode)
+    small: str = "skip"  # images smaller than the crop (stream mode): skip | upscale
 
     def arch_config(self) -> dict[str, int]:
         """The architecture config the model is built from and saved with."""
@@ -58,6 +76,11 @@ class TrainConfig:
         if self.context_widths:
             config |= {"cc1": self.context_widths[0], "cc2": self.context_widths[1]}
         return config
+
+    def lr_schedule(self) -> Any:
+        from lic_deploy.train.schedule import Schedule
+
+        return Schedule(self.schedule, self.warmup, tuple(self.lr_milestones), self.lr_gamma)
 
 
 def rd_loss(out: dict[str, Any], x: Any, lmbda: float) -> tuple[Any, Any, Any]:
@@ -80,7 +103,7 @@ def _val_images(folder: str, count: int) -> list[np.ndarray]:
     return out
 
 
-def validate(model: Any, images: list[np.ndarray], lmbda: float) -> dict[str, float]:
+def validate(model: Any, images: list[np.ndarray], lmbda: float, device: str = "cpu") -> dict[str, float]:
     """Mean loss, bpp (entropy estimate with rounding) and PSNR (dB, on [0, 1] clipped output) over images."""
     import torch
 
@@ -88,7 +111,7 @@ def validate(model: Any, images: list[np.ndarray], lmbda: float) -> dict[str, fl
     rows = []
     with torch.no_grad():
         for img in images:
-            x = torch.from_numpy(img)
+            x = torch.from_numpy(img).to(device)
             out = model(x)
             loss, bpp, _ = rd_loss(out, x, lmbda)
             mse = float(torch.mean((out["x_hat"].clamp(0, 1) - x) ** 2))
@@ -119,86 +142,178 @@ def _check(cfg: TrainConfig) -> None:
         raise LicError("--context-widths applies to --arch elic only")
     if cfg.until_val_loss is not None and not cfg.val:
         raise LicError("--until-val-loss needs --val (a validation folder)")
+    if cfg.amp not in (None, "bf16"):
+        raise LicError(f"--amp {cfg.amp!r}: only bf16 is supported")
+    if cfg.accum < 1 or cfg.workers < 0:
+        raise LicError("--accum must be at least 1 and --workers at least 0")
+    if cfg.data_mode not in DATA_MODES:
+        raise LicError(f"--data-mode {cfg.data_mode!r}: choose from {', '.join(DATA_MODES)}")
+    cfg.lr_schedule()  # LicError for an impossible schedule
+
+
+def open_dataset(cfg: TrainConfig) -> Any:
+    """The in-memory or the streaming dataset, by --data-mode (auto: streaming for folders with subfolders or more
+    than `STREAM_ABOVE` images)."""
+    from lic_deploy.train.data import StreamDataset, cached_dataset, find_images
+
+    mode = cfg.data_mode
+    if mode == "auto":
+        files = find_images(cfg.data)
+        nested = any(f.parent != Path(cfg.data) for f in files)
+        mode = "stream" if nested or len(files) > STREAM_ABOVE or cfg.workers else "memory"
+    if mode == "memory":
+        return cached_dataset(str(cfg.data), cfg.patch, cfg.downscale, cfg.limit)
+    return StreamDataset(cfg.data, cfg.patch, cfg.downscale, seed=cfg.seed, small=cfg.small, limit=cfg.limit)
+
+
+def step_batches(dataset: Any, cfg: TrainConfig, start: int, items: list[int]) -> Iterator[np.ndarray]:
+    """This process's items of every step from `start`: worker processes decode them in stream mode."""
+    from lic_deploy.train.data import StreamDataset, loader
+
+    if isinstance(dataset, StreamDataset) and cfg.workers:
+        yield from loader(dataset, start, cfg.steps, items, cfg.workers)
+        return
+    for step in range(start, cfg.steps):
+        yield dataset.batch(step, items, cfg.patch, cfg.seed)
+
+
+def autocast_transforms(model: Any, device: str, names: tuple[str, ...] = ("g_a", "g_s", "h_a", "h_s")) -> None:
+    """Run the transforms `names` in bfloat16 (autocast) and return float32 from them, so that the entropy
+    models' likelihoods and the loss stay float32. The modules' parameters stay float32 (the optimizers' copy);
+    the state dict's keys do not change."""
+    import torch
+
+    for name in names:
+        module = getattr(model, name, None)
+        if module is None:
+            continue
+        inner = module.forward
+
+        def forward(*args: Any, _inner: Any = inner, **kwargs: Any) -> Any:
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16):
+                out = _inner(*args, **kwargs)
+            return out.float()
+
+        module.forward = forward
+
+
+def noise_seed(seed: int, step: int, shard: int) -> int:
+    """The torch seed of one shard's forward pass (quantization noise) at one step."""
+    return (seed * 1_000_003 + step) * 4099 + shard
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
-    """Run (or resume) training; writes cfg.output (checkpoint) and cfg.output + '.jsonl' (log). Returns the path."""
+    """Run (or resume) training; writes cfg.output (checkpoint) and cfg.output + '.jsonl' (log). Returns the path.
+    Under torchrun with several processes, every process calls this; process 0 writes the files."""
+    from lic_deploy.train import distributed
+
+    _check(cfg)
+    world = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, world, progress)
+    finally:
+        distributed.teardown(world)
+
+
+def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     import torch
 
     from lic_deploy.archs.checkpoint import read_checkpoint, save_checkpoint
     from lic_deploy.archs.registry import get_adapter
+    from lic_deploy.train import distributed
     from lic_deploy.train.alignment import alignment, flatten
-    from lic_deploy.train.data import cached_dataset
     from lic_deploy.train.optim import AUX_LR, build_optimizer, precondition, split_parameters
 
-    _check(cfg)
+    shards = world.size * cfg.accum
+    if cfg.batch % shards:
+        raise LicError(f"--batch {cfg.batch} must divide into {world.size} process(es) x --accum {cfg.accum}")
+    micro = cfg.batch // shards
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
     log_path = out.with_suffix(out.suffix + ".jsonl")
-    dataset = cached_dataset(str(cfg.data), cfg.patch, cfg.downscale, cfg.limit)
-    val = _val_images(cfg.val, cfg.val_count) if cfg.val else []
+    dataset = open_dataset(cfg)
+    val = _val_images(cfg.val, cfg.val_count) if cfg.val and world.main else []
+    schedule = cfg.lr_schedule()
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     try:
         model = get_adapter(cfg.arch).build(cfg.arch_config())
     except ValueError as exc:  # an impossible width for the architecture
         raise LicError(str(exc)) from None
+    model.to(world.device)
+    if cfg.amp:
+        autocast_transforms(model, world.device)
     params, aux_params = split_parameters(model)
     opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
     if cfg.resume:
-        start, seconds = _resume(cfg, model, opt, aux_opt, read_checkpoint)
+        start, seconds = _resume(cfg, model, opt, aux_opt, read_checkpoint, schedule.record(cfg.steps))
     model.train()
+    forward = distributed.wrap(model, world, [n for n, _ in model.named_parameters() if n.endswith(".quantiles")])
 
     def lr_at(step: int) -> float:
-        return hparams["lr"] * min(1.0, (step + 1) / max(1, cfg.warmup))
+        return hparams["lr"] * schedule.factor(step, cfg.steps)
 
     meta = {"optimizer": cfg.optimizer, "hyperparameters": hparams, "lmbda": cfg.lmbda, "seed": cfg.seed,
             "batch": cfg.batch, "patch": cfg.patch, "downscale": cfg.downscale, "data_hash": dataset.hash,
-            "data_images": len(dataset), "config": asdict(cfg)}
+            "data_images": len(dataset), "schedule": schedule.record(cfg.steps), "world_size": world.size,
+            "device": world.device, "amp": cfg.amp, "config": asdict(cfg)}
 
     def save(step: int) -> None:
-        save_checkpoint(out, model, cfg.arch, cfg.arch_config(),
-                        {**meta, "steps": step, "seconds": round(seconds, 2)},
-                        optimizer=opt.state_dict(), aux_optimizer=aux_opt.state_dict())
+        if world.main:
+            save_checkpoint(out, model, cfg.arch, cfg.arch_config(),
+                            {**meta, "steps": step, "seconds": round(seconds, 2)},
+                            optimizer=opt.state_dict(), aux_optimizer=aux_opt.state_dict())
+
+    def to_device(a: np.ndarray) -> Any:
+        return torch.from_numpy(a).to(world.device, non_blocking=True)
 
     bar = None
-    if progress:
+    if progress and world.main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} λ={cfg.lmbda}", unit="step")
     prev_delta: torch.Tensor | None = None
     acc: list[tuple[float, float, float]] = []
-    with open(log_path, "a") as log:
+    mine = list(range(world.rank * cfg.accum * micro, (world.rank + 1) * cfg.accum * micro))
+    batches = step_batches(dataset, cfg, start, mine)
+    with open(log_path, "a") if world.main else contextlib.nullcontext() as log:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.seed * 1_000_003 + step)
-            x = torch.from_numpy(dataset.batch(step, cfg.batch, cfg.patch, cfg.seed))
+            xs = next(batches)
             for group in opt.param_groups:
                 group["lr"] = lr_at(step)
             row: dict[str, Any] = {}
             measure = (step + 1) % cfg.align_every == 0
-            out_fwd = model(x)
-            loss, bpp, mse = rd_loss(out_fwd, x, cfg.lmbda)
             opt.zero_grad(set_to_none=True)
             aux_opt.zero_grad(set_to_none=True)
-            if measure:  # rate and distortion gradients separately, through the current preconditioner
-                g_rate = torch.autograd.grad(bpp, params, retain_graph=True, allow_unused=True)
-                g_dist = torch.autograd.grad(cfg.lmbda * 255**2 * mse, params, retain_graph=True,
-                                             allow_unused=True)
-                g_rate = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_rate, strict=True)]
-                g_dist = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_dist, strict=True)]
-                u_rate, u_dist = precondition(opt, params, g_rate), precondition(opt, params, g_dist)
-                if u_rate is not None and u_dist is not None:
-                    row["intra_alignment"] = alignment([flatten(u_rate), flatten(u_dist)])
-                    row["raw_intra_alignment"] = alignment([flatten(g_rate), flatten(g_dist)])
-            loss.backward()
+            sums = np.zeros(3)
+            for a in range(cfg.accum):
+                shard = world.rank * cfg.accum + a
+                x = to_device(xs[a * micro:(a + 1) * micro])
+                if measure and shard == 0:  # rate and distortion gradients apart, through the preconditioner
+                    torch.manual_seed(noise_seed(cfg.seed, step, shard))
+                    _, bpp0, mse0 = rd_loss(model(x), x, cfg.lmbda)
+                    grads = [torch.autograd.grad(t, params, retain_graph=True, allow_unused=True)
+                             for t in (bpp0, cfg.lmbda * 255**2 * mse0)]
+                    g_rate, g_dist = ([torch.zeros_like(p) if g is None else g for p, g in zip(params, gs, strict=True)]
+                                      for gs in grads)
+                    u_rate, u_dist = precondition(opt, params, g_rate), precondition(opt, params, g_dist)
+                    if u_rate is not None and u_dist is not None:
+                        row["intra_alignment"] = alignment([flatten(u_rate), flatten(u_dist)])
+                        row["raw_intra_alignment"] = alignment([flatten(g_rate), flatten(g_dist)])
+                torch.manual_seed(noise_seed(cfg.seed, step, shard))
+                sync = forward.no_sync() if world.size > 1 and a < cfg.accum - 1 else contextlib.nullcontext()
+                with sync:
+                    loss, bpp, mse = rd_loss(forward(x), x, cfg.lmbda)
+                    (loss / cfg.accum).backward()
+                sums += (loss.item(), bpp.item(), mse.item())
             if cfg.clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             before = flatten([p.detach() for p in params]) if (step + 2) % cfg.align_every == 0 or measure else None
             opt.step()
-            aux_loss = model.aux_loss()
+            aux_loss = model.aux_loss()  # a function of the quantiles alone: the same on every process
             aux_loss.backward()
             aux_opt.step()
             if before is not None:
@@ -207,24 +322,26 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
                     row["inter_alignment"] = alignment([prev_delta, delta])
                 prev_delta = delta if not measure else None
             seconds += time.perf_counter() - t0
-            acc.append((loss.item(), bpp.item(), mse.item()))
+            acc.append(tuple(distributed.mean_over_ranks(list(sums / cfg.accum), world)))
             done = step + 1
             if bar is not None:
                 bar.update(1)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
             val_now = bool(val) and (done % cfg.val_every == 0 or done == cfg.steps)  # independent of log_every
-            if log_now or val_now or row:
+            if world.main and (log_now or val_now or row):
                 if log_now:
                     row.update({k: float(np.mean([a[i] for a in acc])) for i, k in
                                 enumerate(("train_loss", "train_bpp", "train_mse"))})
                     acc = []
                 if val_now:
-                    row.update(validate(model, val, cfg.lmbda))
+                    row.update(validate(model, val, cfg.lmbda, world.device))
                     if bar is not None:
                         bar.set_postfix(val_loss=f"{row['val_loss']:.4f}", psnr=f"{row['val_psnr']:.2f}")
                 log.write(json.dumps({"step": done, "seconds": round(seconds, 3), "lr": lr_at(step), **row}) + "\n")
                 log.flush()
             reached = cfg.until_val_loss is not None and row.get("val_loss", math.inf) <= cfg.until_val_loss
+            if cfg.until_val_loss is not None and cfg.val and done % cfg.val_every == 0:
+                reached = distributed.agree(reached, world)
             if done % cfg.ckpt_every == 0 or done == cfg.steps or reached:
                 save(done)
             if reached:
@@ -236,8 +353,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     return out
 
 
-def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, read_checkpoint: Any) -> tuple[int, float]:
-    """Load weights and optimizer states from cfg.resume; returns (step, seconds) reached."""
+def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, read_checkpoint: Any,
+            schedule: dict[str, Any]) -> tuple[int, float]:
+    """Load weights and optimizer states from cfg.resume (onto the model's device); returns (step, seconds)."""
     import torch
 
     path = Path(cfg.resume)  # type: ignore[arg-type]
@@ -245,6 +363,10 @@ def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, read_checkpoin
     if meta.get("optimizer") != cfg.optimizer or meta.get("arch") != cfg.arch:
         raise CheckpointError(f"{path}: was trained with {meta.get('optimizer')} on {meta.get('arch')}, "
                               f"cannot resume it as {cfg.optimizer} on {cfg.arch}")
+    saved = meta.get("schedule", {"kind": "constant"})  # checkpoints before schedules: warm-up, then constant
+    if saved.get("kind") != schedule["kind"] or (saved.get("kind") != "constant" and saved != schedule):
+        raise CheckpointError(f"{path}: was trained with the schedule {saved}; resume it with the same schedule "
+                              f"(--schedule, --warmup, --lr-milestones, --lr-gamma, --steps), not {schedule}")
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if "optimizer" not in raw or "aux_optimizer" not in raw:
         raise CheckpointError(f"{path}: has no optimizer state to resume from")
