@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace) -> int:
                       resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
                       context_widths=args.context_widths, device=args.device, amp=args.amp, schedule=args.schedule,
                       lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
-                      data_mode=args.data_mode, workers=args.workers, small=args.small)
+                      data_mode=args.data_mode, workers=args.workers, small=args.small, max_seconds=args.max_seconds)
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path} and {path}.jsonl")
@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument("--max-seconds", type=float, metavar="S",
+                   help="stop and save once S seconds of training have run (a wall-clock budget)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where to train (default cpu); under torchrun with cuda each process takes cuda:LOCAL_RANK")
     p.add_argument("--amp", choices=("bf16",), help="run the transforms in bfloat16 (autocast); the likelihoods and "

@@ -231,3 +231,21 @@ def test_cuda_training_resumes_bit_exactly(flat: Path, tmp_path: Path) -> None:
         sb, _ = read_checkpoint(b)
         assert meta["device"].startswith("cuda") and all(sa[k].device.type == "cpu" for k in sa)
         assert all(torch.equal(sa[k], sb[k]) for k in sa), opt
+
+
+def test_wall_clock_budget_and_concurrent_runs(flat: Path, tmp_path: Path) -> None:
+    """--max-seconds stops a run after the step that spends it and saves it; the GPU model-set recipe's
+    concurrent driver trains several configs in their own processes."""
+    from lic_deploy.archs.checkpoint import read_checkpoint
+    from lic_deploy.train.loop import TrainConfig
+    from lic_deploy.train.model_set import _concurrently
+
+    assert main(_args(flat, tmp_path / "budget.pt", "--steps", "50", "--max-seconds", "0")) == 0
+    assert read_checkpoint(tmp_path / "budget.pt")[1]["steps"] == 1
+    configs = [TrainConfig(data=str(flat), output=str(tmp_path / f"{o}.pt"), optimizer=o, N=8, M=16, steps=2,
+                           batch=1, patch=64, downscale=None, threads=1) for o in ("adam", "soap")]
+    _concurrently(configs)
+    assert [read_checkpoint(tmp_path / f"{o}.pt")[1]["optimizer"] for o in ("adam", "soap")] == ["adam", "soap"]
+    configs[0].data = str(tmp_path / "missing")
+    with pytest.raises(RuntimeError, match="training failed"):
+        _concurrently(configs[:1])

@@ -62,6 +62,7 @@ class TrainConfig:
     threads: int | None = None
     limit: int | None = None  # use only the first `limit` training images (tests)
     until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
+    max_seconds: float | None = None  # stop (and save) once this many seconds of training have run
     context_widths: tuple[int, int] | None = None  # ELIC: channel-context hidden widths (None: CompressAI's)
     device: str = "cpu"  # cpu, cuda, cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
     amp: str | None = None  # "bf16": the transforms in bfloat16, likelihoods and loss in float32
@@ -342,6 +343,8 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
             reached = cfg.until_val_loss is not None and row.get("val_loss", math.inf) <= cfg.until_val_loss
             if cfg.until_val_loss is not None and cfg.val and done % cfg.val_every == 0:
                 reached = distributed.agree(reached, world)
+            if cfg.max_seconds is not None:
+                reached = distributed.agree(reached or seconds >= cfg.max_seconds, world)
             if done % cfg.ckpt_every == 0 or done == cfg.steps or reached:
                 save(done)
             if reached:

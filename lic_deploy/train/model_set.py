@@ -7,6 +7,10 @@ interruption (the run folder holds full training checkpoints with optimizer stat
 final weights, as FP16 safetensors, and a model card each).
 
     python -m lic_deploy.train.model_set --data ../shared/data/train --val ../shared/data/kodak
+
+On a GPU (`make models-gpu`), `--device cuda --concurrent` trains the eight equal-budget runs at once, one process
+each sharing the GPU, every run stopped by its step count or its `--max-seconds` wall-clock budget, whichever
+comes first; the equal-quality SOAP run follows, alone.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ OPTIMIZERS = ("adam", "soap")
 EQUAL_QUALITY_LAMBDA = 0.013
 
 
-def run_name(optimizer: str, lmbda: float, suffix: str = "") -> str:
-    return f"mbt-{optimizer}{suffix}-{lmbda}"
+def run_name(optimizer: str, lmbda: float, suffix: str = "", prefix: str = "mbt") -> str:
+    return f"{prefix}-{optimizer}{suffix}-{lmbda}"
 
 
 def last_row(log: Path, key: str) -> dict | None:
@@ -41,7 +45,23 @@ def _config(args: argparse.Namespace, runs: Path, name: str, optimizer: str, lmb
     return TrainConfig(data=args.data, val=args.val, output=str(ckpt), optimizer=optimizer, lmbda=lmbda,
                        N=args.N, M=args.M, steps=steps, batch=args.batch, patch=args.patch, seed=args.seed,
                        resume=str(ckpt) if ckpt.is_file() else None, threads=args.threads,
-                       val_count=args.val_count, val_every=args.chunk // 2, ckpt_every=args.chunk // 2)
+                       val_count=args.val_count, val_every=args.chunk // 2, ckpt_every=args.chunk // 2,
+                       device=args.device, downscale=args.downscale or None, max_seconds=args.max_seconds)
+
+
+def _concurrently(configs: list[TrainConfig]) -> None:
+    """Train every config in its own process at once (spawned: CUDA cannot fork); RuntimeError if one fails."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=train, args=(cfg,), kwargs={"progress": False}) for cfg in configs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    failed = [cfg.output for cfg, p in zip(configs, procs, strict=True) if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"training failed for {', '.join(failed)}")
 
 
 def main() -> None:
@@ -60,21 +80,31 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--val-count", type=int, default=6)
     parser.add_argument("--eq-val-every", type=int, default=25, help="validation interval of the equal-quality run")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--downscale", type=int, default=256, help="shorter side of training images first (0 = off)")
+    parser.add_argument("--concurrent", action="store_true",
+                        help="train the equal-budget runs at once, one process each (a GPU shared by all)")
+    parser.add_argument("--max-seconds", type=float, help="wall-clock training budget of each run, seconds")
+    parser.add_argument("--prefix", default="mbt", help="model name prefix (mbt; the GPU set: mbt128)")
     args = parser.parse_args()
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
 
-    for target in range(args.chunk, args.steps + args.chunk, args.chunk):
-        target = min(target, args.steps)
-        for optimizer in OPTIMIZERS:
-            for lmbda in LAMBDAS:
-                train(_config(args, runs, run_name(optimizer, lmbda), optimizer, lmbda, target))
+    if args.concurrent:
+        _concurrently([_config(args, runs, run_name(o, lm, prefix=args.prefix), o, lm, args.steps)
+                       for o in OPTIMIZERS for lm in LAMBDAS])
+    else:
+        for target in range(args.chunk, args.steps + args.chunk, args.chunk):
+            for optimizer in OPTIMIZERS:
+                for lmbda in LAMBDAS:
+                    train(_config(args, runs, run_name(optimizer, lmbda, prefix=args.prefix), optimizer, lmbda,
+                                  min(target, args.steps)))
 
     # Equal FP32 quality: SOAP again from the same seed, stopped at the first validation (every `eq_val_every`
     # steps) whose loss reaches the equal-steps Adam model's final one. (Adam trained on to SOAP's loss does not
     # fit the CPU budget at this scale: see the README.)
-    goal = last_row(runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA)}.pt.jsonl", "val_loss")
-    name = run_name("soap", EQUAL_QUALITY_LAMBDA, "-eq")
+    goal = last_row(runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA, prefix=args.prefix)}.pt.jsonl", "val_loss")
+    name = run_name("soap", EQUAL_QUALITY_LAMBDA, "-eq", prefix=args.prefix)
     eq_ckpt = runs / f"{name}.pt"
 
     def eq_reached() -> bool:
@@ -93,7 +123,7 @@ def main() -> None:
 
     for optimizer in OPTIMIZERS:
         for lmbda in LAMBDAS:
-            publish(runs / f"{run_name(optimizer, lmbda)}.pt", Path(args.models), kodak=args.val)
+            publish(runs / f"{run_name(optimizer, lmbda, prefix=args.prefix)}.pt", Path(args.models), kodak=args.val)
     publish(eq_ckpt, Path(args.models), kodak=args.val)
 
 

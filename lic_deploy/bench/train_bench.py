@@ -1,0 +1,118 @@
+"""`make bench-train`: what a training step costs, SOAP against Adam, and how fast the data pipeline feeds it.
+
+Prints, in one run on this machine (medians after warm-up):
+- per optimizer: the whole step (forward, backward, optimizer) in ms, steps per second, and the optimizer part
+  (everything after backward: `opt.step()`, SOAP's statistics, projections and, every `precondition_frequency`
+  steps, its eigenbasis update; timed over whole multiples of that frequency so the periodic update is averaged
+  in) in ms; SOAP / Adam ratios of both;
+- images per second of the streaming data pipeline (decode, crop, flip, batch) with 0, 2 and 4 workers.
+
+    python -m lic_deploy.bench.train_bench --data ../shared/data/train [--N 128 --M 192 --batch 4 --patch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from lic_deploy.bench.latency import format_table
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_steps(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Median whole-step and optimizer-part milliseconds of `optimizer` on random crops (synthetic data)."""
+    import torch
+
+    from lic_deploy.archs.registry import get_adapter
+    from lic_deploy.train.loop import rd_loss
+    from lic_deploy.train.optim import build_optimizer, split_parameters
+
+    torch.manual_seed(0)
+    model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
+    params, _ = split_parameters(model)
+    opt, hp = build_optimizer(optimizer, params)
+    x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)
+    freq = hp.get("precondition_frequency", 1)
+    steps, opt_part = [], []
+    total = args.warmup + args.steps * freq
+    for i in range(total):
+        _sync(args.device)
+        t0 = time.perf_counter()
+        loss, _, _ = rd_loss(model(x), x, 0.013)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(args.device)
+        t1 = time.perf_counter()
+        opt.step()
+        _sync(args.device)
+        t2 = time.perf_counter()
+        if i >= args.warmup:
+            steps.append(t2 - t0)
+            opt_part.append(t2 - t1)
+    # the optimizer part's mean over whole frequency periods (the periodic eigenbasis update included)
+    return {"optimizer": optimizer, "step_ms": 1000 * statistics.median(steps),
+            "steps_per_s": 1 / statistics.median(steps), "optimizer_ms": 1000 * statistics.fmean(opt_part),
+            "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
+
+
+def time_pipeline(args: argparse.Namespace, workers: int) -> float:
+    """Images per second of the streaming dataset with `workers` processes (first batch excluded)."""
+    from lic_deploy.train.data import StreamDataset, loader
+
+    ds = StreamDataset(args.data, args.patch, args.downscale or None, seed=0, small="upscale")
+    it = loader(ds, 0, args.pipeline_steps + 1, list(range(args.pipeline_batch)), workers)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(len(b) for b in it)
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help="image folder for the data pipeline (skipped without it)")
+    parser.add_argument("--N", type=int, default=128)
+    parser.add_argument("--M", type=int, default=192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--patch", type=int, default=256)
+    parser.add_argument("--downscale", type=int, default=0, help="shorter side first (0 = off)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (3)")
+    parser.add_argument("--steps", type=int, default=2, help="timed SOAP precondition periods (2 x 10 steps)")
+    parser.add_argument("--pipeline-batch", type=int, default=16)
+    parser.add_argument("--pipeline-steps", type=int, default=8)
+    parser.add_argument("--workers", default="0,2,4", help="worker counts to time (0,2,4)")
+    args = parser.parse_args(argv)
+    import torch
+
+    from lic_deploy.train.distributed import check_device
+
+    check_device(args.device)
+    torch.set_num_threads(args.threads)
+    rows = [time_steps(o, args) for o in ("adam", "soap")]
+    adam, soap = rows
+    print(f"training step, mbt2018-mean N={args.N} M={args.M}, batch {args.batch}, {args.patch} px, {args.device}, "
+          f"{args.threads} threads (medians; optimizer part: mean over whole SOAP precondition periods):")
+    print(format_table(["optimizer", "step ms", "steps/s", "optimizer part ms", "optimizer part median ms"],
+                       [[r["optimizer"], r["step_ms"], r["steps_per_s"], r["optimizer_ms"], r["optimizer_median_ms"]]
+                        for r in rows]))
+    print(f"SOAP / Adam: whole step {soap['step_ms'] / adam['step_ms']:.3f}x, "
+          f"optimizer part {soap['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
+    if args.data:
+        counts = [int(w) for w in args.workers.split(",")]
+        rates = [time_pipeline(args, w) for w in counts]
+        print(f"\ndata pipeline ({args.data}, {args.patch} px crops, batches of {args.pipeline_batch}):")
+        print(format_table(["workers", "images/s"], [[w, r] for w, r in zip(counts, rates, strict=True)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
