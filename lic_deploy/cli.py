@@ -162,7 +162,8 @@ def _train(args: argparse.Namespace) -> int:
                       resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
                       context_widths=args.context_widths, device=args.device, amp=args.amp, schedule=args.schedule,
                       lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
-                      data_mode=args.data_mode, workers=args.workers, small=args.small, max_seconds=args.max_seconds)
+                      data_mode=args.data_mode, workers=args.workers, small=args.small, max_seconds=args.max_seconds,
+                      soap_impl=args.soap_impl)
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"wrote {path} and {path}.jsonl")
@@ -370,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument("--soap-impl", choices=("lic-deploy", "pytorch-optimizer"), default="lic-deploy",
+                   help="SOAP's implementation: lic-deploy's (default; a quarter less arithmetic) or "
+                   "pytorch-optimizer's; the same updates to float32 rounding. A resume keeps the run's own")
     p.add_argument("--max-seconds", type=float, metavar="S",
                    help="stop and save once S seconds of training have run (a wall-clock budget)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",

@@ -234,3 +234,32 @@ def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path:
         assert loaded.metadata["steps"] == 3 and loaded.metadata["optimizer"] == opt
     code = main(_args(tiny_data, tmp_path / "bad.pt", "--arch", "elic", "--M", "96", "--steps", "1"))
     assert code == 2 and not (tmp_path / "bad.pt").exists()
+
+
+def test_lic_soap_equals_pytorch_optimizer_update_for_update() -> None:
+    """lic-deploy's SOAP (first moment kept in the eigenbasis) against pytorch-optimizer's on the same gradients:
+    conv-shaped, 2-D and 1-D parameters, one dim above max_precondition_dim, weight decay, 25 steps crossing
+    two eigenbasis updates; every step's parameters equal to float32 rounding, and far from the start."""
+    torch.manual_seed(0)
+    shapes = [(8, 6, 3, 3), (6, 6), (6,), (5, 40)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(25)]
+    paths = {}
+    for impl in ("lic-deploy", "pytorch-optimizer"):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt, hp = build_optimizer("soap", params, soap_impl=impl)
+        assert hp["implementation"] == impl
+        for group in opt.param_groups:
+            group["weight_decay"], group["max_precondition_dim"] = 0.01, 32
+        paths[impl] = []
+        for gs in grads:
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+            paths[impl].append([p.detach().clone() for p in params])
+    for ours, ref in zip(paths["lic-deploy"], paths["pytorch-optimizer"], strict=True):
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(float((a - w).abs().max()) > 0.01 for a, w in zip(paths["lic-deploy"][-1], start, strict=True))
+    with pytest.raises(ValueError, match="implementation"):
+        build_optimizer("soap", [torch.nn.Parameter(torch.zeros(2, 2))], soap_impl="other")

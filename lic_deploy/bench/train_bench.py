@@ -27,7 +27,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:
+def time_steps(optimizer: str, args: argparse.Namespace, impl: str = "lic-deploy") -> dict[str, Any]:
     """Median whole-step and optimizer-part milliseconds of `optimizer` on random crops (synthetic data)."""
     import torch
 
@@ -38,7 +38,7 @@ def time_steps(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
     model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
     params, _ = split_parameters(model)
-    opt, hp = build_optimizer(optimizer, params)
+    opt, hp = build_optimizer(optimizer, params, soap_impl=impl)
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)
     freq = hp.get("precondition_frequency", 1)
     steps, opt_part = [], []
@@ -58,7 +58,8 @@ def time_steps(optimizer: str, args: argparse.Namespace) -> dict[str, Any]:
             steps.append(t2 - t0)
             opt_part.append(t2 - t1)
     # the optimizer part's mean over whole frequency periods (the periodic eigenbasis update included)
-    return {"optimizer": optimizer, "step_ms": 1000 * statistics.median(steps),
+    name = optimizer if optimizer == "adam" else f"soap ({impl})"
+    return {"optimizer": name, "step_ms": 1000 * statistics.median(steps),
             "steps_per_s": 1 / statistics.median(steps), "optimizer_ms": 1000 * statistics.fmean(opt_part),
             "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
 
@@ -97,15 +98,18 @@ def main(argv: list[str] | None = None) -> int:
 
     check_device(args.device)
     torch.set_num_threads(args.threads)
-    rows = [time_steps(o, args) for o in ("adam", "soap")]
-    adam, soap = rows
+    rows = [time_steps("adam", args), time_steps("soap", args), time_steps("soap", args, "pytorch-optimizer")]
+    adam, soap, reference = rows
     print(f"training step, mbt2018-mean N={args.N} M={args.M}, batch {args.batch}, {args.patch} px, {args.device}, "
           f"{args.threads} threads (medians; optimizer part: mean over whole SOAP precondition periods):")
     print(format_table(["optimizer", "step ms", "steps/s", "optimizer part ms", "optimizer part median ms"],
                        [[r["optimizer"], r["step_ms"], r["steps_per_s"], r["optimizer_ms"], r["optimizer_median_ms"]]
                         for r in rows]))
-    print(f"SOAP / Adam: whole step {soap['step_ms'] / adam['step_ms']:.3f}x, "
-          f"optimizer part {soap['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
+    for r in (soap, reference):
+        print(f"{r['optimizer']} / Adam: whole step {r['step_ms'] / adam['step_ms']:.3f}x, "
+              f"optimizer part {r['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
+    ratio = soap["optimizer_ms"] / reference["optimizer_ms"]
+    print(f"optimizer part, lic-deploy's SOAP / pytorch-optimizer's: {ratio:.3f}")
     if args.data:
         counts = [int(w) for w in args.workers.split(",")]
         rates = [time_pipeline(args, w) for w in counts]

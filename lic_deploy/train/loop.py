@@ -70,6 +70,7 @@ class TrainConfig:
     data_mode: str = "auto"  # memory (every image held) | stream (decoded per item) | auto
     workers: int = 0  # DataLoader worker processes (stream mode)
     small: str = "skip"  # images smaller than the crop (stream mode): skip | upscale
+    soap_impl: str = "lic-deploy"  # or "pytorch-optimizer" (the same updates); a resume keeps the run's own
 
     def arch_config(self) -> dict[str, int]:
         """The architecture config the model is built from and saved with."""
@@ -245,7 +246,11 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     if cfg.amp:
         autocast_transforms(model, world.device)
     params, aux_params = split_parameters(model)
-    opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr)
+    impl = cfg.soap_impl
+    if cfg.resume:  # the implementation the run started with (before it was recorded: pytorch-optimizer's)
+        impl = (read_checkpoint(cfg.resume)[1].get("hyperparameters") or {}).get("implementation",
+                                                                                  "pytorch-optimizer")
+    opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
     if cfg.resume:

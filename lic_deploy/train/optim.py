@@ -1,4 +1,5 @@
-"""Optimizers: SOAP (pytorch-optimizer 4.1.0, merge_dims=False) or Adam, plus CompressAI's auxiliary Adam.
+"""Optimizers: SOAP (lic-deploy's, `soap.py`, or pytorch-optimizer 4.1.0's: the same updates, merge_dims=False)
+or Adam, plus CompressAI's auxiliary Adam.
 
 Also the optimizers' current preconditioners applied to an arbitrary gradient, for the alignment metrics:
 Adam maps g to g / (sqrt(v / (1 - beta2^t)) + eps); SOAP rotates g into the eigenbasis of its Kronecker
@@ -29,17 +30,27 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], 
     return main, aux
 
 
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None = None
-                    ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """The main optimizer and its hyperparameters (for checkpoint metadata)."""
+SOAP_IMPLS = ("lic-deploy", "pytorch-optimizer")  # the first is the default (train/soap.py: the same updates,
+# a quarter less arithmetic); checkpoints record theirs, and a resume uses the one the run started with
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None = None,
+                    soap_impl: str = SOAP_IMPLS[0]) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """The main optimizer and its hyperparameters (for checkpoint metadata; SOAP's include `implementation`)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     hp = {**DEFAULTS[name], **({"lr": lr} if lr else {})}
     if name == "adam":
         return torch.optim.Adam(params, **hp), hp
+    if soap_impl == "lic-deploy":
+        from lic_deploy.train.soap import SOAP as LicSOAP
+
+        return LicSOAP(params, **hp), {**hp, "implementation": soap_impl}
+    if soap_impl != "pytorch-optimizer":
+        raise ValueError(f"unknown SOAP implementation {soap_impl!r}; choose from {', '.join(SOAP_IMPLS)}")
     from pytorch_optimizer import SOAP
 
-    return SOAP(params, **hp), hp
+    return SOAP(params, **hp), {**hp, "implementation": soap_impl}
 
 
 @torch.no_grad()
