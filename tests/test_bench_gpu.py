@@ -116,6 +116,7 @@ def gpu_doc(tiny: dict[str, Path]) -> dict:
     """A bench with --device cuda where torch on CUDA is the CPU stand-in and TensorRT is missing."""
     from lic_deploy.bench import runner
     from lic_deploy.runtime import codec as codec_module
+    from lic_deploy.runtime import engines
     from lic_deploy.runtime.engines import create_engine
 
     def fake_create(package, backend="ort", precision="fp32", *, threads=None, device="cpu"):
@@ -126,7 +127,7 @@ def gpu_doc(tiny: dict[str, Path]) -> dict:
         return create_engine(package, backend, precision, threads=threads, device=device)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(runner, "check_device", lambda device: None)
+    mp.setattr(engines, "check_device", lambda device, hint: None)
     mp.setattr(codec_module, "create_engine", fake_create)
     try:
         opts = runner.BenchOptions(data=tiny["images"], out=tiny["root"] / "gpu", precisions=("fp32", "fp16", "bf16"),

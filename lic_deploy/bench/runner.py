@@ -342,7 +342,9 @@ def run_bench(models: Sequence[str | os.PathLike], opts: BenchOptions) -> dict[s
 
     if not models:
         raise LicError("no models given")
-    check_device(opts.device)
+    from lic_deploy.runtime.engines import check_device
+
+    check_device(opts.device, "GPU rows need an NVIDIA GPU, run without --device here")
     resolved = [resolve_model(m, opts.labels) for m in models]
     names = [m.name for m in resolved]
     if len(set(names)) != len(names):
@@ -404,22 +406,6 @@ def resume_from(partial: Path, results: dict[str, Any]) -> set[str]:
     for key in MODEL_KEYS:
         results[key] += old.get(key, [])
     return {m["name"] for m in old.get("models", [])}
-
-
-def check_device(device: str) -> None:
-    """LicError (one line) unless `device` is "cpu", or "cuda[:N]" with that CUDA device present."""
-    import re
-
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise LicError(f"--device {device!r}: use cpu, cuda or cuda:N")
-    if device == "cpu":
-        return
-    import torch
-
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise LicError(f"--device {device}: torch {torch.__version__} sees no such CUDA device "
-                       f"({torch.cuda.device_count()} found); GPU rows need an NVIDIA GPU, run without --device here")
 
 
 def synced_stage_ms(engine: Any, package: Any, image: np.ndarray, repeat: int, warmup: int) -> dict[str, Any]:

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    from lic_deploy.train.distributed import check_device
+    from lic_deploy.runtime.engines import check_device
 
-    check_device(args.device)
+    check_device(args.device, "run with --device cpu here")
     torch.set_num_threads(args.threads)
     rows = [time_steps("adam", args), time_steps("soap", args), time_steps("soap", args, "pytorch-optimizer")]
     adam, soap, reference = rows

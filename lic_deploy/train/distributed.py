@@ -8,11 +8,10 @@ CUDA, gloo on the CPU) and gives each process its device (cuda:LOCAL_RANK with -
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from lic_deploy.errors import LicError
+from lic_deploy.runtime.engines import check_device
 
 
 @dataclass(frozen=True)
@@ -28,23 +27,9 @@ class World:
         return self.rank == 0
 
 
-def check_device(device: str) -> None:
-    """LicError (one line) unless `device` is cpu, or cuda / cuda:N with such a CUDA device here."""
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise LicError(f"--device {device!r}: use cpu, cuda or cuda:N")
-    if device == "cpu":
-        return
-    import torch
-
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-        raise LicError(f"--device {device}: torch {torch.__version__} sees no such CUDA device "
-                       f"({torch.cuda.device_count()} found); train with --device cpu here")
-
-
 def setup(device: str) -> World:
     """This process's place in the run (see the module docstring)."""
-    check_device(device)
+    check_device(device, "train with --device cpu here")
     size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):

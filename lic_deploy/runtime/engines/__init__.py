@@ -26,6 +26,23 @@ class Engine(Protocol):
         """Run `stage` on float32 [1, C, H, W]; returns float32 [1, C', H', W']."""
 
 
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def check_device(device: str, hint: str) -> None:
+    """LicError (one line, ending with `hint`) unless `device` is cpu, or cuda / cuda:N with such a CUDA device
+    visible to PyTorch."""
+    if not DEVICE.fullmatch(device):
+        raise LicError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available() or _cuda_index(device) >= torch.cuda.device_count():
+        raise LicError(f"--device {device}: torch {torch.__version__} sees no such CUDA device "
+                       f"({torch.cuda.device_count()} found); {hint}")
+
+
 def _cuda_index(device: str) -> int:
     """"cuda:N" -> N; "cuda" and "cpu" (the default, meaningless for TensorRT) -> 0."""
     return int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
@@ -38,7 +55,7 @@ def create_engine(package: Package, backend: str = "ort", precision: str = "fp32
     `device` is "cpu", "cuda" or "cuda:N": where --backend torch runs; TensorRT always runs on CUDA device N (0
     unless "cuda:N"); ONNX Runtime runs on the CPU only.
     """
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+    if not DEVICE.fullmatch(device):
         raise LicError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
     if backend == "ort":
         if device != "cpu":
