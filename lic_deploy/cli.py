@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs --val)")
     p.add_argument("--threads", type=_positive, help="torch CPU threads")
     p.add_argument("--soap-impl", choices=("lic-deploy", "pytorch-optimizer"), default="lic-deploy",
-                   help="SOAP's implementation: lic-deploy's (default; a quarter less arithmetic) or "
+                   help="SOAP's implementation: lic-deploy's (default; two rotations per step instead of three) or "
                    "pytorch-optimizer's; the same updates to float32 rounding. A resume keeps the run's own")
     p.add_argument("--max-seconds", type=float, metavar="S",
                    help="stop and save once S seconds of training have run (a wall-clock budget)")

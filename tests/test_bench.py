@@ -416,6 +416,28 @@ def test_two_runs_of_one_optimizer_at_one_lambda_are_two_curves_and_pairs_have_i
         assert row["adam"]["dpsnr_ci"][1] < 0 and row["adam"]["dbpp_ci"] == pytest.approx((0.0, 0.0))
     entry = next(e for e in an["ptq_loss"] if e["curve"] == "adam-lr0.0005")
     assert entry["points"][0]["ref"] == ["mbt-adam-lr0.0005-0.013", "ort:int8:minmax"]
+    # the rate-equivalent loss, by hand: 100 ((R + lambda MSE)_int8 - (R + lambda MSE)_fp32) / R_fp32, MSE 0..255
+    soap = next(e for e in an["ptq_loss"] if e["curve"] == "soap")["points"][0]
+
+    def rd(variant: str) -> tuple[float, float]:
+        rows = [r for r in results["rows"] if r["model"] == "mbt-soap-0.013" and r["variant"] == variant]
+        return (float(np.mean([r["bpp"] for r in rows])),
+                float(np.mean([255**2 * 10 ** (-r["psnr"] / 10) for r in rows])))
+
+    (r0, d0), (r1, d1) = rd("ort:fp32"), rd("ort:int8:minmax")
+    assert soap["req_pct"] == pytest.approx(100 * ((r1 + 0.013 * d1) - (r0 + 0.013 * d0)) / r0)
+    assert soap["req_pct"] > 0 and soap["req_ci"][0] < soap["req_pct"] < soap["req_ci"][1]
+
+
+def test_verdict_reads_the_rate_equivalent_difference() -> None:
+    """A quantized SOAP codec losing more PSNR but fewer bits is judged by what the two are worth together."""
+    from lic_deploy.bench.compare import verdict
+
+    worse_psnr_fewer_bits = {"dpsnr_db": -0.1, "dbpp_pp": -2.0, "dpsnr_ci": (-0.2, -0.05), "dbpp_ci": (-3.0, -1.0)}
+    assert verdict({**worse_psnr_fewer_bits, "dreq_pp": -0.8, "dreq_ci": (-1.2, -0.3)}) == "soap loses less"
+    assert verdict({**worse_psnr_fewer_bits, "dreq_pp": 0.8, "dreq_ci": (0.3, 1.2)}) == "soap loses more"
+    assert verdict({**worse_psnr_fewer_bits, "dreq_pp": 0.1, "dreq_ci": (-0.3, 0.4)}) == "inside the noise"
+    assert verdict({"dpsnr_db": 0.0, "dbpp_pp": 0.0}) == "no interval"
 
 
 def test_difference_inside_the_noise() -> None:
@@ -467,9 +489,10 @@ def test_outlier_pair_verdict_and_fallback_overlap() -> None:
     assert out["summary"]["median_ratio_kurtosis"] == pytest.approx(8 / 3)
     assert out["latents"]["y"]["soap"]["max_over_sigma"] == 5.0 and len(out["layers"]) == 5
     layers = [layer("g_a.0", 5, 3, 20.0), layer("g_a.2", 5, 3, 30.0), layer("g_s.0", 5, 3, 25.0),
-              layer("g_s.2", 5, 3, 45.0)]
+              layer("g_s.2", 5, 3, 45.0), layer("h_s.0", 5, 3, 10.0)]  # h_s: not a fallback candidate
     results = {"outliers": [{"model": "m", "layers": layers}],
-               "fallback": [{"model": "m", "variant": "ort:int8-fb:minmax", "kept_layers": ["g_a.0", "g_s.2"]},
+               "fallback": [{"model": "m", "variant": "ort:int8-fb:minmax", "kept_layers": ["g_a.0", "g_s.2"],
+                             "ranking": [{"layer": n} for n in ("g_a.0", "g_a.2", "g_s.0", "g_s.2")]},
                             {"model": "m", "variant": "x", "kept_layers": []}]}
     (rec,) = fallback_vs_sqnr(results)
     assert rec["worst_sqnr"] == ["g_a.0", "g_s.0"] and rec["overlap"] == 1 and rec["conv_layers"] == 4

@@ -60,6 +60,22 @@ def ratio_change_pct(test: np.ndarray, anchor: np.ndarray) -> Callable[[np.ndarr
     return lambda idx: 100.0 * (t[idx].mean(axis=-1) / a[idx].mean(axis=-1) - 1.0)
 
 
+def rate_equivalent_pct(test: dict[str, np.ndarray], anchor: dict[str, np.ndarray], lmbda: float
+                        ) -> Callable[[np.ndarray], np.ndarray]:
+    """Statistic: the rate-equivalent loss of `test` against `anchor` at the models' training lambda, percent:
+    100 ((R_t + lmbda D_t) - (R_a + lmbda D_a)) / R_a with R the mean bpp and D the mean MSE on 8-bit RGB (0..255).
+    Training minimised R + lmbda D, so lmbda D_change is the rate a quality change is worth at that point: one
+    number that weighs a PSNR change and a bpp change against each other (export's fallback targets the same)."""
+    (rt, dt), (ra, da) = ((np.asarray(x["bpp"], np.float64), np.asarray(x["mse"], np.float64)) for x in (test, anchor))
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        r0 = ra[idx].mean(axis=-1)
+        return 100.0 * ((rt[idx].mean(axis=-1) + lmbda * dt[idx].mean(axis=-1)) - (r0 + lmbda * da[idx].mean(axis=-1))
+                        ) / r0
+
+    return stat
+
+
 def excludes_zero(ci: tuple[float, float] | None) -> bool:
     """True when the interval lies wholly on one side of zero (the difference is outside the noise)."""
     return ci is not None and (ci[0] > 0 or ci[1] < 0)

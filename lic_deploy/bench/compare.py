@@ -25,7 +25,13 @@ from typing import Any
 import numpy as np
 
 from lic_deploy.bench.bdrate import bd_rate
-from lic_deploy.bench.bootstrap import PairedBootstrap, excludes_zero, mean_difference, ratio_change_pct
+from lic_deploy.bench.bootstrap import (
+    PairedBootstrap,
+    excludes_zero,
+    mean_difference,
+    rate_equivalent_pct,
+    ratio_change_pct,
+)
 from lic_deploy.bench.runner import STEPS, TRANSFORM_STEPS
 
 BASE, TEST = "adam", "soap"  # the study's comparison: TEST against BASE
@@ -66,19 +72,22 @@ class ImageData:
                                                                      for k in ("bpp", "psnr")})
             for k in ("bpp", "psnr"):
                 arrays[k][where[r["image"]]] = r[k]
-        self.arrays = {key: a for key, a in grouped.items() if all(np.isfinite(v).all() for v in a.values())}
+        self.arrays = {key: {**a, "mse": 255.0**2 * 10 ** (-a["psnr"] / 10)} for key, a in grouped.items()
+                       if all(np.isfinite(v).all() for v in a.values())}
         self.boot = PairedBootstrap(len(names)) if self.arrays and len(names) >= 2 else None
 
     def get(self, ref: Sequence[str]) -> dict[str, np.ndarray] | None:
         """The arrays of (model, variant), or None (no rows, or the bootstrap is off)."""
         return self.arrays.get(tuple(ref)) if self.boot else None
 
-    def change_stats(self, point: Mapping[str, Any]) -> tuple[Any, Any] | None:
-        """Bootstrap statistics (PSNR change dB, bpp change %) of a compared point, or None."""
+    def change_stats(self, point: Mapping[str, Any]) -> tuple[Any, Any, Any] | None:
+        """Bootstrap statistics (PSNR change dB, bpp change %, rate-equivalent loss % at the point's lambda) of a
+        compared point, or None."""
         a, t = self.get(point["anchor_ref"]), self.get(point["ref"])
         if a is None or t is None:
             return None
-        return mean_difference(t["psnr"], a["psnr"]), ratio_change_pct(t["bpp"], a["bpp"])
+        return (mean_difference(t["psnr"], a["psnr"]), ratio_change_pct(t["bpp"], a["bpp"]),
+                rate_equivalent_pct(t, a, point["lmbda"]))
 
     def bd_stat(self, points: Sequence[Mapping[str, Any]]) -> Any:
         """Bootstrap statistic (one index vector -> BD-rate %, NaN where undefined) of compared points, or None."""
@@ -114,8 +123,11 @@ def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapp
              "dpsnr_db": t["psnr"] - a["psnr"], "dbpp_pct": 100.0 * (t["bpp"] / a["bpp"] - 1.0),
              "anchor_ref": [a.get("model"), a.get("variant")], "ref": [t.get("model"), t.get("variant")]}
         stats = data.change_stats(p)
-        p["dpsnr_ci"], p["dbpp_ci"] = (data.boot.interval(stats[0]), data.boot.interval(stats[1])) if stats \
-            else (None, None)
+        p["dpsnr_ci"], p["dbpp_ci"], p["req_pct"], p["req_ci"] = (None,) * 4
+        if stats:
+            every = np.arange(data.boot.n)
+            p["dpsnr_ci"], p["dbpp_ci"] = data.boot.interval(stats[0]), data.boot.interval(stats[1])
+            p["req_pct"], p["req_ci"] = float(stats[2](every)), data.boot.interval(stats[2])
         points.append(p)
     out: dict[str, Any] = {"lambdas": common, "points": points, "bd_rate_pct": None, "bd_rate_ci": None,
                            "method": "per-point"}
@@ -154,32 +166,32 @@ def ptq_losses(cs: Mapping[str, Mapping[str, Mapping[float, Any]]], data: ImageD
 
 def point_difference(base: Mapping[str, Any], test: Mapping[str, Any], data: ImageData = NO_DATA
                      ) -> dict[str, Any]:
-    """TEST's PTQ loss minus BASE's at one lambda (PSNR change in dB, bpp change in percentage points), with
-    paired bootstrap intervals and `outside_noise`: True when either interval excludes zero."""
+    """TEST's PTQ loss minus BASE's at one lambda (PSNR change in dB, bpp change and rate-equivalent loss in
+    percentage points), with paired bootstrap intervals and `outside_noise`: True when the rate-equivalent
+    difference's interval excludes zero."""
     out: dict[str, Any] = {"lmbda": test["lmbda"], "dpsnr_db": test["dpsnr_db"] - base["dpsnr_db"],
-                           "dbpp_pp": test["dbpp_pct"] - base["dbpp_pct"], "dpsnr_ci": None, "dbpp_ci": None}
+                           "dbpp_pp": test["dbpp_pct"] - base["dbpp_pct"], "dpsnr_ci": None, "dbpp_ci": None,
+                           "dreq_pp": None, "dreq_ci": None}
     b, t = data.change_stats(base), data.change_stats(test)
     if b and t:
         out["dpsnr_ci"] = data.boot.interval(lambda idx: t[0](idx) - b[0](idx))
         out["dbpp_ci"] = data.boot.interval(lambda idx: t[1](idx) - b[1](idx))
-        out["outside_noise"] = excludes_zero(out["dpsnr_ci"]) or excludes_zero(out["dbpp_ci"])
+        out["dreq_pp"] = test["req_pct"] - base["req_pct"]
+        out["dreq_ci"] = data.boot.interval(lambda idx: t[2](idx) - b[2](idx))
+        out["outside_noise"] = excludes_zero(out["dreq_ci"])
     out["verdict"] = verdict(out)
     return out
 
 
 def verdict(diff: Mapping[str, Any]) -> str:
-    """One point's difference in words: "inside the noise" unless an interval excludes zero; else which side
-    loses more (a lower PSNR change or a higher bpp change is a larger loss); "mixed" when the two disagree."""
-    if "dpsnr_ci" not in diff or (diff["dpsnr_ci"] is None and diff["dbpp_ci"] is None):
+    """One point's difference in words, by the rate-equivalent loss (which weighs the PSNR and bpp changes
+    against each other at the models' lambda): "inside the noise" when its interval contains zero, else which
+    side loses more."""
+    if diff.get("dreq_ci") is None:
         return "no interval"
-    signs = set()
-    if excludes_zero(diff["dpsnr_ci"]):
-        signs.add("more" if diff["dpsnr_db"] < 0 else "less")
-    if excludes_zero(diff["dbpp_ci"]):
-        signs.add("more" if diff["dbpp_pp"] > 0 else "less")
-    if not signs:
+    if not excludes_zero(diff["dreq_ci"]):
         return "inside the noise"
-    return "mixed" if len(signs) == 2 else f"{TEST} loses {signs.pop()}"
+    return f"{TEST} loses {'more' if diff['dreq_pp'] > 0 else 'less'}"
 
 
 def difference(base: Mapping[str, Any] | None, test: Mapping[str, Any] | None, data: ImageData = NO_DATA

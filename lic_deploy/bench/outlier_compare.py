@@ -65,8 +65,9 @@ def outlier_pairs(results: Mapping[str, Any], found: Sequence[Mapping[str, Any]]
 
 
 def fallback_vs_sqnr(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Per fallback package that kept k > 0 layers in FP32: the k layers with the lowest INT8 SQNR on the bench
-    images (outlier statistics of the same model) and how many of the kept layers are among them."""
+    """Per fallback package that kept k > 0 layers in FP32: the k fallback candidates (the layers its ranking
+    holds: g_a, h_a, g_s; h_s runs as the integer network) with the lowest INT8 SQNR on the bench images (outlier
+    statistics of the same model), and how many of the kept layers are among them."""
     stats = _layers(results)
     out = []
     for fb in results.get("fallback", []):
@@ -74,8 +75,9 @@ def fallback_vs_sqnr(results: Mapping[str, Any]) -> list[dict[str, Any]]:
         layers = stats.get(fb["model"])
         if not kept or not layers:
             continue
-        ranked = sorted((r for r in layers.values() if r["kind"] == CONV and r.get("sqnr_db") is not None),
-                        key=lambda r: r["sqnr_db"])
+        candidates = {r["layer"] for r in fb.get("ranking", [])} or set(layers)
+        ranked = sorted((r for r in layers.values() if r["kind"] == CONV and r.get("sqnr_db") is not None
+                         and r["name"] in candidates), key=lambda r: r["sqnr_db"])
         worst = [r["name"] for r in ranked[: len(kept)]]
         out.append({"model": fb["model"], "variant": fb["variant"], "kept": kept, "worst_sqnr": worst,
                     "overlap": len(set(kept) & set(worst)), "conv_layers": len(ranked)})

@@ -30,14 +30,16 @@ def _ci(ci: Sequence[float] | None, fmt: str) -> str:
 
 
 def change(p: Mapping[str, Any]) -> str:
-    """A point's PSNR change (dB) and bpp change (%), each with its interval."""
-    return (f"{p['dpsnr_db']:+.3f} dB{_ci(p.get('dpsnr_ci'), '+.3f')}, "
+    """A point's rate-equivalent loss (%, where measured), PSNR change (dB) and bpp change (%), with intervals."""
+    req = f"**{p['req_pct']:+.2f} %**{_ci(p['req_ci'], '+.2f')} rate-eq; " if p.get("req_pct") is not None else ""
+    return (f"{req}{p['dpsnr_db']:+.3f} dB{_ci(p.get('dpsnr_ci'), '+.3f')}, "
             f"{p['dbpp_pct']:+.2f} % bpp{_ci(p.get('dbpp_ci'), '+.2f')}")
 
 
 def diff_change(d: Mapping[str, Any]) -> str:
-    """A difference of two points' changes (dB and percentage points), with intervals and the verdict."""
-    return (f"{d['dpsnr_db']:+.3f} dB{_ci(d.get('dpsnr_ci'), '+.3f')}, {d['dbpp_pp']:+.2f} pp bpp"
+    """A difference of two points' losses (pp of rate-equivalent loss, dB, pp of bpp), intervals, verdict."""
+    req = f"**{d['dreq_pp']:+.2f} pp**{_ci(d['dreq_ci'], '+.2f')} rate-eq; " if d.get("dreq_pp") is not None else ""
+    return (f"{req}{d['dpsnr_db']:+.3f} dB{_ci(d.get('dpsnr_ci'), '+.3f')}, {d['dbpp_pp']:+.2f} pp bpp"
             f"{_ci(d.get('dbpp_ci'), '+.2f')} ({d.get('verdict', 'no interval')})")
 
 
@@ -125,8 +127,11 @@ def _pairs(an: Mapping[str, Any]) -> list[str]:
         return []
     lines = [f"## Model pairs: {TEST} against {BASE} at one λ", "",
              f"Every {BASE}-family model against every {TEST}-family model at the same λ. Cells: PTQ loss of each "
-             f"(PSNR change, bpp change of the quantized codec against the same model in FP32) and {TEST}'s minus "
-             f"{BASE}'s (negative dB or positive pp = {TEST} loses more). {_bootstrap_line(an)}", ""]
+             "(the quantized codec against the same model in FP32): the rate-equivalent loss at the model's λ, "
+             "100 ((R + λ·MSE)_quantized − (R + λ·MSE)_FP32) / R_FP32 (one number weighing the quality and the "
+             f"rate change; positive = a loss), then the PSNR and bpp changes; and {TEST}'s minus {BASE}'s "
+             f"(positive pp of rate-equivalent loss = {TEST} loses more; the verdict is read from it). "
+             f"{_bootstrap_line(an)}", ""]
     for pair in an["pairs"]:
         first = pair["rows"][0] if pair["rows"] else {}
         lines += [f"### λ {pair['lmbda']:g}, {pair['kind']}: {_model_cell(pair[BASE], first.get(BASE))} against "
@@ -465,7 +470,8 @@ def _err(value: float, ci: Sequence[float] | None) -> list[float]:
 
 
 def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
-    """Per quantized variant: the PSNR change of each pair's two models with 95 % intervals as error bars."""
+    """Per quantized variant: each pair's two PTQ losses with 95 % intervals as error bars: the rate-equivalent
+    loss where per-image rows give it, else the PSNR change."""
     import matplotlib.pyplot as plt
 
     found = [p for p in an["pairs"] if p["rows"]]
@@ -473,10 +479,13 @@ def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
         _empty(path, f"no {BASE}/{TEST} pair at one λ measured")
         return
     variants = list({r["variant"]: None for p in found for r in p["rows"]})
+    req = all(r[BASE].get("req_pct") is not None for p in found for r in p["rows"])
+    key, ci_key, ylabel = ("req_pct", "req_ci", "rate-equivalent PTQ loss, % (95 % CI)") if req else \
+        ("dpsnr_db", "dpsnr_ci", "PSNR change vs FP32, dB (95 % CI)")
     cols = min(3, len(variants))
     rows = -(-len(variants) // cols)
     width = max(3.5, 0.55 * len(found) + 1)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, 3.9 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols + 1, 3.9 * rows), squeeze=False)
     for ax in axes.flat[len(variants):]:
         ax.axis("off")
     x = np.arange(len(found))
@@ -487,8 +496,8 @@ def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
             for p in found:
                 row = next((r for r in p["rows"] if r["variant"] == variant), None)
                 point = row[side] if row else None
-                vals.append(point["dpsnr_db"] if point else np.nan)
-                errs.append(_err(point["dpsnr_db"], point.get("dpsnr_ci")) if point else [0.0, 0.0])
+                vals.append(point[key] if point else np.nan)
+                errs.append(_err(point[key], point.get(ci_key)) if point else [0.0, 0.0])
             ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, yerr=np.array(errs).T, capsize=2, label=side,
                    color=COLOURS[side])
         ax.axhline(0, color="black", lw=0.6)
@@ -496,7 +505,7 @@ def plot_pairs(an: Mapping[str, Any], path: Path) -> None:
         ax.set_title(variant.split(":", 1)[1], fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     for row in axes:
-        row[0].set_ylabel("PSNR change vs FP32, dB (95 % CI)")
+        row[0].set_ylabel(ylabel, fontsize=8)
     axes[0][0].legend(fontsize=8)
     _save(fig, path)
 

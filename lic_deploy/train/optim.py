@@ -31,7 +31,7 @@ def split_parameters(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], 
 
 
 SOAP_IMPLS = ("lic-deploy", "pytorch-optimizer")  # the first is the default (train/soap.py: the same updates,
-# a quarter less arithmetic); checkpoints record theirs, and a resume uses the one the run started with
+# two rotations per step instead of three); checkpoints record theirs, and a resume uses the one the run started with
 
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None = None,
