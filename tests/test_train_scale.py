@@ -20,6 +20,21 @@ from lic_deploy.errors import DataError, LicError
 from tests.conftest import write_images
 
 
+def _free_port() -> int:
+    """A TCP port nothing listens on now (torchrun's rendezvous; a fixed one can still be held by the last run)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _failure(run: subprocess.CompletedProcess) -> str:
+    """The lines of a failed torchrun's output that say why (its own summary names only the signal)."""
+    lines = (run.stdout + run.stderr).splitlines()
+    return "\n".join([x for x in lines if "Error" in x or "error" in x][:20] + lines[-15:])
+
+
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "-o", str(out), "--N", "8", "--M", "16", "--batch", "2", "--patch",
             "64", "--downscale", "0", "--log-every", "1", "--align-every", "4", "--ckpt-every", "4",
@@ -199,10 +214,10 @@ def test_ddp_two_gloo_processes_match_one_process_accumulating(flat: Path, tmp_p
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     assert main(["train", *common, "--accum", "2", "-o", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
                           "-m", "lic_deploy.train", *common, "-o", str(two)], env=env, capture_output=True,
                          text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, _failure(run)
     a, _ = read_checkpoint(one)
     b, meta = read_checkpoint(two)
     assert meta["world_size"] == 2 and meta["steps"] == 3
@@ -263,10 +278,10 @@ def test_ddp_resume_is_bit_exact(flat: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
     def torchrun_train(out: Path, steps: int, *extra: str) -> None:
-        run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(30500 + os.getpid() % 1000),
+        run = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
                               "-m", "lic_deploy.train", *common, "--steps", str(steps), "-o", str(out), *extra],
                              env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.returncode == 0, _failure(run)
 
     whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
     torchrun_train(whole, 4)

@@ -48,6 +48,14 @@ def setup(device: str) -> World:
     return World(rank, size, local, device)
 
 
+def barrier(world: World) -> None:
+    """Wait for every process (at the end of a run: no process leaves while another still talks to it)."""
+    if world.size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def teardown(world: World) -> None:
     if world.size > 1:
         import torch.distributed as dist

@@ -358,6 +358,7 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
         bar.close()
     if start >= cfg.steps:
         save(start)
+    distributed.barrier(world)
     return out
 
 
