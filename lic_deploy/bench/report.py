@@ -104,7 +104,7 @@ def _bootstrap_line(an: Mapping[str, Any]) -> str:
     b = an.get("bootstrap")
     if not b:
         return "No per-image rows: no confidence intervals."
-    rough = f" With {b['images']} images they are rough: trust them from about 10 images on." if b["images"] < 10 else ""
+    rough = f" With {b['images']} images they are rough." if b["images"] < 10 else ""
     return (f"Brackets: {100 * b['level']:g} % paired bootstrap intervals over the {b['images']} images "
             f"({b['reps']} resamples; the same resampled images for FP32 and INT8 and for both models).{rough}")
 
