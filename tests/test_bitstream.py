@@ -7,7 +7,9 @@ import struct
 import time
 import tracemalloc
 import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lic_deploy.entropy.bitstream import (
@@ -269,3 +271,28 @@ def test_pack_rejects_bad_stream_lists() -> None:
 def test_unpack_rejects_bad_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         unpack(_stream(), **kwargs)  # type: ignore[arg-type]
+
+
+def test_golden_stream_decodes_identically() -> None:
+    """tests/golden holds a package, a .lic stream it wrote and the image it decoded to (when it was made, with
+    ONNX Runtime, 1 thread). Every later version must decode that stream to the same latents bit for bit, on ORT
+    and on PyTorch: the guard for any change to the entropy path's speed. The 8-bit image may differ by 1 where
+    float32 synthesis rounds differently on another CPU's kernels, never by more."""
+    import hashlib
+    import json
+
+    from PIL import Image
+
+    from lic_deploy.runtime.codec import Codec
+
+    golden = Path(__file__).parent / "golden"
+    expected = json.loads((golden / "golden.json").read_text())
+    data = (golden / "stream.lic").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == expected["stream_sha256"]
+    reference = np.asarray(Image.open(golden / "decoded.png"))
+    for backend in ("ort", "torch"):
+        decoded = Codec(golden / "package", backend, "fp32", threads=1).decode(data)
+        y_hat = np.ascontiguousarray(decoded.y_hat, np.float32)
+        assert hashlib.sha256(y_hat.tobytes()).hexdigest() == expected["y_hat_sha256"], backend
+        assert list(decoded.image.shape) == expected["shape"]
+        assert int(np.abs(decoded.image.astype(np.int16) - reference).max()) <= 1, backend
