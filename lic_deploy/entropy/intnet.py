@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from lic_deploy.errors import PackageError
 
@@ -110,8 +109,8 @@ class IntLayer:
                 raise ValueError(f"channel {o}: |acc| * multiplier may reach {acc_max * m_max} >= 2**62")
 
         kh, kw = self.kernel
-        if self.kind == "conv":  # [I*kh*kw, O]
-            wmat = w.astype(np.float64).reshape(n_out, -1).T.copy()
+        if self.kind == "conv":  # [kh*kw*I, O]: rows in the (ky, kx, channel) order of the im2col columns
+            wmat = w.astype(np.float64).transpose(2, 3, 1, 0).reshape(kh * kw * self.in_channels, n_out).copy()
         else:  # [I, kh*kw*O]: O innermost, so the overlap-add below works on contiguous rows
             wmat = w.astype(np.float64).transpose(0, 2, 3, 1).reshape(self.in_channels, kh * kw * n_out)
         wmat.flags.writeable = False
@@ -176,14 +175,17 @@ class IntLayer:
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
             top, bottom = r0 * s - p, (r1 - 1) * s - p + kh  # input rows [top, bottom) incl. padding
-            slab = np.zeros((n_in, bottom - top, w + 2 * p), dtype=np.float64)
+            slab = np.zeros((bottom - top, w + 2 * p, n_in), dtype=np.float64)  # HWC: channels contiguous
             src0, src1 = max(top, 0), min(bottom, h)
             if src1 > src0:
-                slab[:, src0 - top : src1 - top, p : p + w] = a[:, src0:src1]
-            win = sliding_window_view(slab, (kh, kw), axis=(1, 2))[:, ::s, ::s][:, :, :wo]
-            cols = win.transpose(1, 2, 0, 3, 4).reshape((r1 - r0) * wo, fan_in)
+                slab[src0 - top : src1 - top, p : p + w] = a[:, src0:src1].transpose(1, 2, 0)
+            # im2col by kernel offset: each (ky, kx) copies whole channel vectors; columns in (ky, kx, c) order
+            cols = np.empty((r1 - r0, wo, kh * kw, n_in), dtype=np.float64)
+            for ky in range(kh):
+                for kx in range(kw):
+                    cols[:, :, ky * kw + kx] = slab[ky : ky + (r1 - r0 - 1) * s + 1 : s, kx : kx + (wo - 1) * s + 1 : s]
             # Exact: |partial sums| <= in_max * max_o sum|w_o| < 2**53 (checked in __post_init__).
-            res = cols @ self._wmat
+            res = cols.reshape((r1 - r0) * wo, fan_in) @ self._wmat
             acc[:, r0:r1] = np.rint(res).astype(np.int64).T.reshape(-1, r1 - r0, wo)
         return acc
 
@@ -193,7 +195,9 @@ class IntLayer:
         n_out = self.out_channels
         ho, wo = self.output_size(h, w)
         extra = max(0, self.output_padding - p)  # output_padding rows/cols beyond the overlap-add extent
-        full = np.zeros(((h - 1) * s + kh + extra, (w - 1) * s + kw + extra, n_out), dtype=np.int64)  # HWC
+        # HWC, float64: every partial overlap-add sum is a sum of some of one output's terms, so its magnitude is
+        # within the same in_max * sum|w_o| < 2**53 bound and exact; rounded to int64 once at the end.
+        full = np.zeros(((h - 1) * s + kh + extra, (w - 1) * s + kw + extra, n_out), dtype=np.float64)
         rows = max(1, CHUNK_BYTES // (8 * w * (n_in + n_out * kh * kw)))
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
@@ -203,8 +207,8 @@ class IntLayer:
             for ky in range(kh):
                 ys = slice(r0 * s + ky, (r1 - 1) * s + ky + 1, s)
                 for kx in range(kw):
-                    full[ys, kx : (w - 1) * s + kx + 1 : s] += np.rint(res[:, :, ky, kx]).astype(np.int64)
-        return np.ascontiguousarray(full[p : p + ho, p : p + wo].transpose(2, 0, 1))
+                    full[ys, kx : (w - 1) * s + kx + 1 : s] += res[:, :, ky, kx]
+        return np.rint(full[p : p + ho, p : p + wo].transpose(2, 0, 1)).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
