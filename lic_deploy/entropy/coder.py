@@ -46,6 +46,15 @@ class TableCoder:
             pmf = np.diff(row).astype(np.float64) / float(1 << CDF_PRECISION)
             self.models.append(stream.model.Categorical(pmf, perfect=False))
 
+    def _groups(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions sorted by table id, stably: raster order within a table; start of each table's group).
+        The ids are cast to the smallest unsigned type that holds them, for which numpy's stable sort is a radix
+        sort: the same order as sorting the int64 ids, in a quarter of the time."""
+        n = len(self.models)
+        key = t.astype(np.uint8 if n <= 1 << 8 else np.uint16 if n <= 1 << 16 else np.int64)
+        counts = np.bincount(t, minlength=n)[:n]
+        return np.argsort(key, kind="stable"), np.concatenate(([0], np.cumsum(counts)))
+
     def encode(self, values: np.ndarray, tables: np.ndarray, escapes: list[int]) -> bytes:
         """Code `values` (int64, any shape) with the tables `tables` (same shape); escapes are appended."""
         v, t = values.reshape(-1).astype(np.int64), tables.reshape(-1).astype(np.int64)
@@ -55,8 +64,7 @@ class TableCoder:
         idx[esc] = n_real[esc]
         escapes.extend(int(x) for x in v[esc])
         enc = _constriction().queue.RangeEncoder()
-        order = np.argsort(t, kind="stable")
-        bounds = np.searchsorted(t[order], np.arange(len(self.models) + 1))
+        order, bounds = self._groups(t)
         for table in np.flatnonzero(np.diff(bounds)):
             group = idx[order[bounds[table]:bounds[table + 1]]].astype(np.int32)
             enc.encode(group, self.models[table])
@@ -68,8 +76,7 @@ class TableCoder:
             raise BitstreamError("range-coded stream length is not a multiple of 4 bytes")
         t = tables.reshape(-1).astype(np.int64)
         idx = np.empty(t.shape, dtype=np.int64)
-        order = np.argsort(t, kind="stable")
-        bounds = np.searchsorted(t[order], np.arange(len(self.models) + 1))
+        order, bounds = self._groups(t)
         words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
         try:
             dec = _constriction().queue.RangeDecoder(words)
