@@ -8,7 +8,7 @@ OUT    ?= out
 RUNS   ?= $(or $(LIC_DEPLOY_RUNS),../lic-runs)
 GPU_MODELS ?= ../shared/models-gpu
 
-.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-convergence bench-export bench-codec bench-elic bench-runtime clean
+.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-speed bench-convergence bench-export bench-codec bench-elic bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,11 @@ models-gpu: $(STAMP)
 	$(PY) -m lic_deploy.train.model_set --device cuda --concurrent --prefix mbt128 --N 128 --M 192 --batch 16 \
 		--patch 256 --downscale 320 --steps 10000 --max-seconds 420 --chunk 500 --eq-val-every 250 --threads 1 \
 		--data $(DATA)/train --val $(DATA)/kodak --runs $(RUNS)/gpu --models models-gpu
+
+# Codec speed, step by step, against CompressAI's compress/decompress of the same models (not a timed test).
+SPEED_MODELS ?= models/mbt-soap-0.013.safetensors $(wildcard $(GPU_MODELS)/mbt128-soap-0.013.safetensors)
+bench-speed: $(STAMP)
+	$(PY) -m lic_deploy.bench.speed_bench $(SPEED_MODELS) --data $(DATA)/kodak --images 4 --out $(OUT)/bench-speed
 
 # Training speed: SOAP against Adam per step and in the optimizer part, and the data pipeline's images per second.
 bench-train: $(STAMP)

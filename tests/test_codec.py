@@ -191,3 +191,26 @@ def test_quality_is_what_the_latents_give(codecs: dict[str, Codec], image: np.nd
     data, y_hat = codec.encode_array(image)
     ref = to_uint8(image)
     assert psnr(codec.decode(data).image, ref) == psnr(codec.reconstruct(y_hat, *image.shape[1:]), ref)
+
+
+def test_speed_bench_profiles_every_step(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench-speed on a tiny model: every encode/decode step is timed, the integer h_s is part of the entropy
+    step, and the ratio against CompressAI's compress/decompress is computed from the same run."""
+    import json
+
+    from lic_deploy.bench.speed_bench import main as speed_main
+    from tests.conftest import make_checkpoint, write_images
+
+    write_images(tmp_path / "img", [(64, 96)])
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", "mbt2018-mean", 16, 24)
+    assert speed_main([str(ckpt), "--data", str(tmp_path / "img"), "--images", "1", "--repeat", "1",
+                       "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+    assert "enc+dec vs CompressAI" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    (fp32,) = doc["models"]["tiny"]["per_image"]["fp32"]
+    for key in ("enc_g_a", "enc_h_a", "enc_entropy_hs", "enc_entropy_rest", "enc_container", "dec_container",
+                "dec_entropy_hs", "dec_entropy_rest", "dec_g_s"):
+        assert fp32[key] >= 0, key
+    assert fp32["enc_entropy_hs"] > 0 and fp32["dec_entropy_hs"] > 0 and fp32["encode"] > fp32["enc_g_a"]
+    (ca,) = doc["models"]["tiny"]["per_image"]["compressai"]
+    assert ca["encode"] > 0 and ca["g_s"] > 0

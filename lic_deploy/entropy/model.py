@@ -12,6 +12,7 @@ same table indexes and means bit for bit, whatever engine or precision ran the f
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -118,7 +119,7 @@ class EntropyModel:
         z_sym = self.z_symbols(z)
         channel = np.broadcast_to(np.arange(self.z_channels)[:, None, None], z_sym.shape)
         z_stream = self.z_coder.encode(z_sym, channel, escapes)
-        side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
+        side = self._hyper_synthesis(z_sym)
         if side.shape[1:] != y.shape[1:] or y.shape[0] != self.y_channels:
             raise ValueError(f"y has shape {y.shape}, h_s predicts {side.shape[1:]} for {self.y_channels} channels")
         y_streams, y_hat = self.encode_y(y, side, escapes)
@@ -132,10 +133,17 @@ class EntropyModel:
         z_sym = self.z_coder.decode(streams[0], channel, reader)
         if np.abs(z_sym).max(initial=0) > IN_MAX:
             raise BitstreamError("decoded hyper-latent is out of range")
-        side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
+        side = self._hyper_synthesis(z_sym)
         y_hat = self.decode_y(streams[1:-1], side, reader)
         reader.finish()
         return y_hat
+
+    def _hyper_synthesis(self, z_sym: np.ndarray) -> np.ndarray:
+        """The integer h_s on z symbols; its seconds go to `hs_seconds` (the speed benchmark's step)."""
+        t0 = time.perf_counter()
+        side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
+        self.hs_seconds = time.perf_counter() - t0
+        return side
 
     def y_symbols(self, y: np.ndarray, mean_fp: np.ndarray) -> np.ndarray:
         """floor(y - mean + 1/2) as int64 (the encoder's quantization)."""

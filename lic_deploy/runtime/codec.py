@@ -33,7 +33,9 @@ class Decoded:
 
 
 class Codec:
-    """A package bound to one engine. `timings` holds the seconds of each step of the last call."""
+    """A package bound to one engine. `timings` holds the seconds of each step of the last call: g_a, h_a,
+    entropy (everything between latents and bytes: integer networks, tables, range coding), entropy_hs (the part
+    of entropy spent in the integer h_s), container (packing or parsing the .lic file), g_s."""
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
                  threads: int | None = None, engine: Engine | None = None, device: str = "cpu",
@@ -71,8 +73,11 @@ class Codec:
         t = self._tick("h_a", t)
         coded = self.entropy.encode(y[0], z[0])
         t = self._tick("entropy", t)
+        self.timings["entropy_hs"] = self.entropy.hs_seconds
         header = Header(self.package.fingerprint, h, w, MODE_GRAY if grey else MODE_RGB, pb, pr)
-        return pack(header, coded.streams), coded.y_hat
+        data = pack(header, coded.streams)
+        self._tick("container", t)
+        return data, coded.y_hat
 
     def encode_file(self, path: str | os.PathLike) -> bytes:
         image, grey = load_rgb(path)
@@ -81,14 +86,16 @@ class Codec:
     def decode_latents(self, data: bytes) -> tuple[Header, np.ndarray]:
         """Parse and entropy-decode: (header, y_hat float32 [M, H/16, W/16]). BitstreamError when malformed."""
         geometry = self.package.geometry
+        t = time.perf_counter()
         header, streams = unpack(
             data, fingerprint=self.package.fingerprint, pad_multiple=int(geometry["pad_multiple"]),
             max_pixels=self.max_pixels, n_streams=self.entropy.n_streams)
+        t = self._tick("container", t)
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
         z_stride = int(geometry["z_stride"])
-        t = time.perf_counter()
         y_hat = self.entropy.decode(streams, (hp // z_stride, wp // z_stride))
         self._tick("entropy", t)
+        self.timings["entropy_hs"] = self.entropy.hs_seconds
         return header, y_hat
 
     def decode(self, data: bytes) -> Decoded:
