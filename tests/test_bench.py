@@ -281,6 +281,19 @@ def test_bench_resumes_after_the_last_finished_model(tiny: dict[str, Path], monk
     assert measured == ["tiny-a", "tiny-b"]
 
 
+def test_bench_refuses_labels_it_cannot_use(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A label for a model the bench does not have (a typo) or without a lambda is one line and exit 2, before any
+    export."""
+    from lic_deploy.cli import main
+
+    for label, needle in (("tiny-x=adam:0.013", "no model of this bench is called 'tiny-x'"),
+                          ("tiny-a=adam", "is not OPTIMIZER:LAMBDA")):
+        code = main(["bench", str(tiny["a"]), "--data", str(tiny["images"]), "-o", str(tiny["root"] / "badlabel"),
+                     "--label", label])
+        assert code == 2 and needle in capsys.readouterr().err.splitlines()[-1]
+    assert not (tiny["root"] / "badlabel" / "packages").exists()
+
+
 def test_bench_asks_for_labels(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     from lic_deploy.cli import main
 

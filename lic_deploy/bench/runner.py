@@ -345,6 +345,11 @@ def run_bench(models: Sequence[str | os.PathLike], opts: BenchOptions) -> dict[s
     from lic_deploy.runtime.engines import check_device
 
     check_device(opts.device, "GPU rows need an NVIDIA GPU, run without --device here")
+    known = {str(m) for m in models} | {Path(m).stem for m in models} | {Path(m).name for m in models}
+    for name, label in opts.labels.items():
+        parse_label(label)  # LicError for a malformed label, even one whose model has metadata
+        if name not in known:
+            raise LicError(f"--label {name}=...: no model of this bench is called {name!r} (use its file stem)")
     resolved = [resolve_model(m, opts.labels) for m in models]
     names = [m.name for m in resolved]
     if len(set(names)) != len(names):
