@@ -30,7 +30,10 @@ ENGINES = {  # name -> (backend, precision, threads)
 @pytest.fixture(scope="module")
 def codecs(package_mbt: Path) -> dict[str, Codec]:
     pkg = Package.open(package_mbt)
-    return {name: Codec(pkg, b, p, threads=t) for name, (b, p, t) in ENGINES.items()}
+    out = {name: Codec(pkg, b, p, threads=t) for name, (b, p, t) in ENGINES.items()}
+    # the GPU path's integer networks (torch, float64 GEMMs), here on the CPU
+    out["torch-fp32-intnet-torch"] = Codec(pkg, "torch", "fp32", threads=1, intnet_device="cpu")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,15 @@ def test_cross_backend_bit_exact(codecs: dict[str, Codec], image: np.ndarray) ->
             assert np.array_equal(out.image, dec.reconstruct(y_enc, *image.shape[1:])), (enc_name, dec_name)
         images = [codecs[n].decode(data).image for n in ("ort-fp32", "ort-fp32")]
         assert np.array_equal(images[0], images[1])
+
+
+def test_torch_integer_networks_write_the_same_streams(codecs: dict[str, Codec], image: np.ndarray) -> None:
+    """The same engine with the integer networks on torch (the `--device cuda` path) or numpy: the same bytes."""
+    from lic_deploy.entropy.intnet_torch import TorchIntNet
+
+    fast, plain = codecs["torch-fp32-intnet-torch"], codecs["torch-fp32"]
+    assert isinstance(fast.entropy.hs, TorchIntNet) and not isinstance(plain.entropy.hs, TorchIntNet)
+    assert fast.encode_array(image)[0] == plain.encode_array(image)[0]
 
 
 def test_perturbed_transforms_change_nothing_in_decodability(package_mbt: Path, image: np.ndarray) -> None:

@@ -60,9 +60,11 @@ def test_every_stage_exported_and_verified(package_elic: Path) -> None:
 def test_cross_backend_bit_exact(package_elic: Path, image: np.ndarray) -> None:
     pkg = Package.open(package_elic)
     codecs = {"ort-fp32": Codec(pkg), "ort-fp32-1t": Codec(pkg, threads=1), "ort-int8": Codec(pkg, "ort", "int8"),
-              "torch-fp32": Codec(pkg, "torch", threads=1)}
+              "torch-fp32": Codec(pkg, "torch", threads=1),
+              "torch-fp32-intnet-torch": Codec(pkg, "torch", threads=1, intnet_device="cpu")}  # the GPU path's nets
     streams = {name: c.encode_array(image) for name, c in codecs.items()}
     assert len({data for data, _ in streams.values()}) > 1
+    assert streams["torch-fp32"][0] == streams["torch-fp32-intnet-torch"][0]  # context nets on torch: same bytes
     for enc_name, (data, y_enc) in streams.items():
         _, parts = unpack(data)
         assert len(parts) == 12  # z, 5 groups x (anchors, non-anchors), escapes

@@ -447,3 +447,56 @@ def test_conv_sizes_and_values_match_torch(k, s, p):
         out = IntNet([layer], 1000)(x)
         assert out.shape == ref.shape
         np.testing.assert_array_equal(out, ref.astype(I64))
+
+
+# ---------------------------------------------------------------- (7) the torch evaluator (the GPU path)
+
+
+@pytest.mark.parametrize(("kind", "k", "s", "p", "op"), [("conv", 3, 1, 1, 0), ("conv", 5, 2, 2, 0),
+                                                         ("conv", 4, 2, 1, 0), ("deconv", 5, 2, 2, 1),
+                                                         ("deconv", 3, 2, 1, 1), ("deconv", 5, 2, 0, 1),
+                                                         ("deconv", 4, 2, 1, 0)])
+def test_torch_evaluator_equals_numpy_and_int64_reference(kind, k, s, p, op):
+    """`TorchIntNet` (float64 unfold/GEMM/fold, int64 requantization: what runs on a GPU) against numpy's IntNet and
+    the pure-int64 reference, on the CPU here, inputs at +-in_max included."""
+    from lic_deploy.entropy.intnet_torch import TorchIntNet
+
+    rng = np.random.default_rng(hash((kind, k, s, p, op)) % 2**32)
+    layer = random_layer(rng, kind, 5, 6, k, s, p, op)
+    x = random_input(rng, 5, 9, 7, layer.in_max)
+    net = IntNet([layer], layer.in_max)
+    out = TorchIntNet(net, "cpu")(x)
+    assert out.dtype == I64
+    np.testing.assert_array_equal(out, net(x))
+    np.testing.assert_array_equal(out, ref_layer(x, layer))
+
+
+@pytest.mark.parametrize("kind", ["conv", "deconv"])
+def test_torch_evaluator_exact_just_below_2_pow_53(kind):
+    from lic_deploy.entropy.intnet_torch import TorchIntNet
+
+    rng = np.random.default_rng(11)
+    shape = (3, 2, 3, 3)
+    w = np.where(rng.random(shape) < 0.5, -128, 127).astype(np.int8)
+    n_out = 3 if kind == "conv" else 2
+    w[(0,) if kind == "conv" else (slice(None), 0)] = -128
+    w_sum = np.abs(w.astype(I64)).sum(axis=(1, 2, 3) if kind == "conv" else (0, 2, 3))
+    in_max = int((2**53 - 1) // int(w_sum.max()))
+    one = np.full(n_out, 1, dtype=I64)
+    layer = IntLayer(kind, w, np.zeros(n_out, I64), 1, 1, 0, one * 511, -one * 511, one * 9, -(2**62), 2**62,
+                     in_max)
+    x = np.full((w.shape[1] if kind == "conv" else 3, 6, 6), -in_max, dtype=I64)
+    net = IntNet([layer], in_max)
+    np.testing.assert_array_equal(TorchIntNet(net, "cpu")(x), net(x))
+
+
+def test_torch_evaluator_runs_a_converted_hs_and_checks_inputs():
+    from lic_deploy.entropy.intnet_torch import TorchIntNet
+
+    _, net = built_hs()
+    x = z_hat(7)[0].numpy().astype(I64)
+    fast = TorchIntNet(net, "cpu")
+    np.testing.assert_array_equal(fast(x), net(x))
+    assert fast.in_channels == net.in_channels and fast.layers is net.layers
+    with pytest.raises(ValueError, match="must lie in"):
+        fast(np.full_like(x, net.in_max + 1))

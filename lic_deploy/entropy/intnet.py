@@ -253,6 +253,14 @@ class IntNet:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Run the net on int64 [C, H, W]; ValueError for a wrong dtype/shape or |x| > in_max."""
+        self.check_input(x)
+        a = x
+        for layer in self.layers:
+            a = layer(a)
+        return a
+
+    def check_input(self, x: np.ndarray) -> None:
+        """ValueError unless x is int64 [C, H, W] with this net's C, large enough, and |x| <= in_max."""
         if not isinstance(x, np.ndarray) or x.dtype != np.int64 or x.ndim != 3:
             raise ValueError("input must be an int64 array [C, H, W]")
         if x.shape[0] != self.in_channels:
@@ -266,10 +274,6 @@ class IntNet:
                 raise ValueError(f"input of size {x.shape[1:]} is too small for this net")
         if x.min() < -self.in_max or x.max() > self.in_max:
             raise ValueError(f"input values must lie in [-{self.in_max}, {self.in_max}]")
-        a = x
-        for layer in self.layers:
-            a = layer(a)
-        return a
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         """Arrays for an `.npz` (no pickles): `{prefix}meta` (JSON as uint8) and `{prefix}layer{i}.*`."""

@@ -39,10 +39,15 @@ class Codec:
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
                  threads: int | None = None, engine: Engine | None = None, device: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, intnet_device: str | None = None) -> None:
+        """`intnet_device`: where the integer networks run. None: on the engine's CUDA device when the engine is
+        PyTorch on CUDA (torch, float64 GEMMs: `entropy.intnet_torch`), else with numpy on the CPU; a device
+        name ("cpu", "cuda:0") forces the torch evaluator there. Every choice gives the same bits."""
         self.package = package if isinstance(package, Package) else Package.open(package)
         self.engine = engine or create_engine(self.package, backend, precision, threads=threads, device=device)
         self.max_pixels = max_pixels
+        engine_device = str(getattr(self.engine, "device", "cpu"))
+        self.intnet_device = intnet_device or (engine_device if engine_device.startswith("cuda") else None)
         self.timings: dict[str, float] = {}
         self._entropy: EntropyModel | None = None
 
@@ -50,6 +55,10 @@ class Codec:
     def entropy(self) -> EntropyModel:
         if self._entropy is None:
             self._entropy = open_entropy_model(self.package.entropy)
+            if self.intnet_device:
+                from lic_deploy.entropy.intnet_torch import on_device
+
+                on_device(self._entropy, self.intnet_device)
         return self._entropy
 
     def _tick(self, name: str, t0: float) -> float:
