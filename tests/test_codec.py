@@ -219,10 +219,13 @@ def test_speed_bench_profiles_every_step(tmp_path: Path, capsys: pytest.CaptureF
                        "--threads", "1", "--out", str(tmp_path / "out")]) == 0
     assert "enc+dec vs CompressAI" in capsys.readouterr().out
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
-    (fp32,) = doc["models"]["tiny"]["per_image"]["fp32"]
+    (fp32,) = doc["models"]["tiny"]["per_image"]["ort:fp32"]
     for key in ("enc_g_a", "enc_h_a", "enc_entropy_hs", "enc_entropy_rest", "enc_container", "dec_container",
                 "dec_entropy_hs", "dec_entropy_rest", "dec_g_s"):
         assert fp32[key] >= 0, key
     assert fp32["enc_entropy_hs"] > 0 and fp32["dec_entropy_hs"] > 0 and fp32["encode"] > fp32["enc_g_a"]
     (ca,) = doc["models"]["tiny"]["per_image"]["compressai"]
     assert ca["encode"] > 0 and ca["g_s"] > 0
+    out = tmp_path / "refused"
+    assert speed_main([str(ckpt), "--data", str(tmp_path / "img"), "--paths", "ort:fp64", "--out", str(out)]) == 2
+    assert "expected ort:PRECISION" in capsys.readouterr().err

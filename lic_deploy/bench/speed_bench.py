@@ -60,6 +60,19 @@ def compressai_profile(model: Any, x: Any, repeat: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; a path this machine cannot run (no CUDA, an unknown precision) is one line, exit 2."""
+    import sys
+
+    from lic_deploy.errors import LicError
+
+    try:
+        return run(argv)
+    except LicError as exc:
+        print(f"speed_bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="checkpoints or .safetensors of any supported architecture")
     parser.add_argument("--data", required=True, help="test images (Kodak)")
@@ -67,7 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per image and path (3)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench-speed")
+    parser.add_argument("--paths", default="ort:fp32,ort:int8",
+                        help="lic-deploy paths, BACKEND[-cuda]:PRECISION, comma-separated (default ort:fp32,ort:int8; "
+                        "on a GPU: torch-cuda:fp32,torch-cuda:fp16, whose integer networks then run on the GPU)")
     args = parser.parse_args(argv)
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    from lic_deploy.errors import LicError
+    from lic_deploy.runtime.engines import check_device
+    from lic_deploy.runtime.package import ENGINE_PRECISIONS
+
+    for path in paths:
+        backend, _, precision = path.partition(":")
+        if backend not in ("ort", "torch", "torch-cuda") or precision not in ENGINE_PRECISIONS:
+            raise LicError(f"--paths {path!r}: expected ort:PRECISION, torch:fp32 or torch-cuda:PRECISION")
+        if backend == "torch-cuda":
+            check_device("cuda", "run the GPU paths on a machine with an NVIDIA GPU")
     import torch
 
     from lic_deploy.archs.checkpoint import load_model
@@ -84,16 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     rows, totals = [], []
     for ckpt in args.checkpoints:
         name = Path(ckpt).stem
+        graphs = sorted({p.split(":")[1] for p in paths if p.startswith("ort")} | {"fp32"})
         pkg = export_package(ckpt, out / name, log=lambda _: None,
-                             options=ExportOptions(precisions=("fp32", "int8"), overwrite=True))
+                             options=ExportOptions(precisions=graphs, overwrite=True))
         loaded = load_model(ckpt)
         model = loaded.model.eval()
         model.update(force=True)
-        codecs = {p: Codec(pkg, "ort", p, threads=args.threads) for p in ("fp32", "int8")}
-        per_image: dict[str, list[dict[str, float]]] = {"fp32": [], "int8": [], "compressai": []}
+        codecs = {}
+        for path in paths:
+            backend, precision = path.split(":")
+            engine, _, device = backend.partition("-")
+            codecs[path] = Codec(pkg, engine, precision, threads=args.threads, device=device or "cpu")
+        per_image: dict[str, list[dict[str, float]]] = {**{p: [] for p in codecs}, "compressai": []}
         for f in files:
             image, _ = load_rgb(f)
-            x = pad_to_multiple(image, codecs["fp32"].package.geometry["pad_multiple"])[0][None]
+            x = pad_to_multiple(image, next(iter(codecs.values())).package.geometry["pad_multiple"])[0][None]
             for p, codec in codecs.items():
                 codec.decode(codec.encode_array(image)[0])  # warm-up
                 per_image[p].append({"image": f.name, **lic_profile(codec, image, args.repeat)})
@@ -102,26 +134,27 @@ def main(argv: list[str] | None = None) -> int:
         results["models"][name] = {"arch": loaded.arch, "config": loaded.config, "per_image": per_image}
         for i, f in enumerate(files):
             ca = per_image["compressai"][i]
-            for p in ("fp32", "int8"):
+            for p in codecs:
                 r = per_image[p][i]
-                rows.append([name, f.name, f"ort {p}", *(r[f"enc_{s}"] for s in LIC_STEPS), r["encode"],
-                             *(r[f"dec_{s}"] for s in DEC_STEPS), r["decode"],
+                rows.append([name, f.name, p, *(r[f"enc_{s}"] for s in LIC_STEPS), r["encode"],
+                             *(r[f"dec_{s}"] for s in DEC_STEPS), r["decode"], 1000 / r["decode"],
                              (r["encode"] + r["decode"]) / (ca["encode"] + ca["decode"])])
             rows.append([name, f.name, "CompressAI", ca["g_a"], "", "", "", "", ca["encode"], "", "", "", ca["g_s"],
-                         ca["decode"], 1.0])
-        for p in ("fp32", "int8"):
+                         ca["decode"], 1000 / ca["decode"], 1.0])
+        for p in codecs:
             ratio = statistics.median((r["encode"] + r["decode"]) / (c["encode"] + c["decode"])
                                       for r, c in zip(per_image[p], per_image["compressai"], strict=True))
             hs = statistics.median(r["dec_entropy_hs"] / r["decode"] for r in per_image[p])
-            totals.append([name, f"ort {p}", ratio, 100 * hs])
+            fps = statistics.median(1000 / r["decode"] for r in per_image[p])
+            totals.append([name, p, ratio, 100 * hs, fps])
     headers = ["model", "image", "path", *(f"enc {s} ms" for s in LIC_STEPS), "encode ms",
-               *(f"dec {s} ms" for s in DEC_STEPS), "decode ms", "enc+dec vs CompressAI"]
+               *(f"dec {s} ms" for s in DEC_STEPS), "decode ms", "decode fps", "enc+dec vs CompressAI"]
     text = "\n".join([
         f"{len(files)} images, {args.threads} threads, medians of {args.repeat} runs after a warm-up (ms). "
         "CompressAI: compress/decompress whole, its g_a and g_s timed alone on the same input.",
         format_table(headers, rows), "",
         "Per model and path, medians over the images:",
-        format_table(["model", "path", "enc+dec vs CompressAI", "integer h_s, % of decode"], totals)])
+        format_table(["model", "path", "enc+dec vs CompressAI", "integer h_s, % of decode", "decode fps"], totals)])
     print(text)
     (out / "report.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
