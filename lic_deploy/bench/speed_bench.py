@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lic_deploy.bench.latency import format_table, median_seconds
+from lic_deploy.errors import LicError
 
 LIC_STEPS = ("g_a", "h_a", "entropy_hs", "entropy_rest", "container")
 DEC_STEPS = ("container", "entropy_hs", "entropy_rest", "g_s")
@@ -63,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; a path this machine cannot run (no CUDA, an unknown precision) is one line, exit 2."""
     import sys
 
-    from lic_deploy.errors import LicError
-
     try:
         return run(argv)
     except LicError as exc:
@@ -85,7 +84,6 @@ def run(argv: list[str] | None = None) -> int:
                         "on a GPU: torch-cuda:fp32,torch-cuda:fp16, whose integer networks then run on the GPU)")
     args = parser.parse_args(argv)
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    from lic_deploy.errors import LicError
     from lic_deploy.runtime.engines import check_device
     from lic_deploy.runtime.package import ENGINE_PRECISIONS
 

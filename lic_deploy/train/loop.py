@@ -246,15 +246,15 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     if cfg.amp:
         autocast_transforms(model, world.device)
     params, aux_params = split_parameters(model)
+    resumed = read_checkpoint(Path(cfg.resume)) if cfg.resume else None  # (state, metadata)
     impl = cfg.soap_impl
-    if cfg.resume:  # the implementation the run started with (before it was recorded: pytorch-optimizer's)
-        impl = (read_checkpoint(cfg.resume)[1].get("hyperparameters") or {}).get("implementation",
-                                                                                  "pytorch-optimizer")
+    if resumed:  # the implementation the run started with (before it was recorded: pytorch-optimizer's)
+        impl = (resumed[1].get("hyperparameters") or {}).get("implementation", "pytorch-optimizer")
     opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
-    if cfg.resume:
-        start, seconds = _resume(cfg, model, opt, aux_opt, read_checkpoint, schedule.record(cfg.steps))
+    if resumed:
+        start, seconds = _resume(cfg, model, opt, aux_opt, resumed, schedule.record(cfg.steps))
     model.train()
     forward = distributed.wrap(model, world, [n for n, _ in model.named_parameters() if n.endswith(".quantiles")])
 
@@ -362,13 +362,14 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     return out
 
 
-def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, read_checkpoint: Any,
+def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, checkpoint: tuple[dict[str, Any], dict[str, Any]],
             schedule: dict[str, Any]) -> tuple[int, float]:
-    """Load weights and optimizer states from cfg.resume (onto the model's device); returns (step, seconds)."""
+    """Load weights (`checkpoint`: read_checkpoint's state and metadata of cfg.resume) and the optimizer states of
+    cfg.resume onto the model's device; returns (step, seconds)."""
     import torch
 
     path = Path(cfg.resume)  # type: ignore[arg-type]
-    state, meta = read_checkpoint(path)
+    state, meta = checkpoint
     if meta.get("optimizer") != cfg.optimizer or meta.get("arch") != cfg.arch:
         raise CheckpointError(f"{path}: was trained with {meta.get('optimizer')} on {meta.get('arch')}, "
                               f"cannot resume it as {cfg.optimizer} on {cfg.arch}")
