@@ -160,9 +160,10 @@ def test_bf16_autocast_keeps_likelihoods_and_loss_float32(flat: Path, tmp_path: 
 
 
 def test_streaming_dataset(nested: Path, flat: Path) -> None:
-    from lic_deploy.train.data import CropDataset, StreamDataset, find_images, loader
+    from lic_deploy.runtime.images import list_images
+    from lic_deploy.train.data import CropDataset, StreamDataset, loader
 
-    files = find_images(nested)
+    files = list_images(nested, recursive=True)
     assert len(files) == 2401 and {f.suffix for f in files} == {".png", ".jpg", ".webp"}
     ds = StreamDataset(nested, 32, None, seed=1)
     first = ds.batch(7, range(16), 32, 1)

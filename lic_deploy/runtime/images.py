@@ -18,14 +18,17 @@ DATA_ENV = "LIC_DEPLOY_DATA"  # folder holding kodak/ and train/ (for example ..
 Image.MAX_IMAGE_PIXELS = 1 << 28  # Pillow's decompression-bomb guard, raised to 268 MP
 
 
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name. Raises DataError when there are none."""
+def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Image files directly inside `folder` (with `recursive`, anywhere under it), sorted by path. Raises
+    DataError when there are none."""
     path = Path(folder)
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist or is not a folder")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    found = (Path(d) / f for d, _, names in os.walk(path) for f in names) if recursive else \
+        (p for p in path.iterdir() if p.is_file())
+    files = sorted(p for p in found if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {path}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) {'under' if recursive else 'in'} {path}")
     return files
 
 

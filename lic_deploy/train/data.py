@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from lic_deploy.errors import DataError
-from lic_deploy.runtime.images import IMAGE_SUFFIXES, list_images
+from lic_deploy.runtime.images import list_images
 
 MAX_DRAWS = 32  # draws per item before giving up on a folder of unusable images
 SMALL = ("skip", "upscale")
@@ -37,18 +37,6 @@ def manifest_hash(files: list[Path]) -> str:
     for f in sorted(files):
         h.update(f"{f.name}\t{f.stat().st_size}\n".encode())
     return h.hexdigest()
-
-
-def find_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files anywhere under `folder` (nested folders too), sorted by path; DataError when there are none."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist or is not a folder")
-    files = sorted(Path(d) / f for d, _, names in os.walk(root) for f in names
-                   if Path(f).suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-    return files
 
 
 def load_image(path: Path, patch: int, downscale: int | None, small: str = "skip") -> np.ndarray | None:
@@ -126,7 +114,7 @@ class StreamDataset:
                  small: str = "skip", limit: int | None = None) -> None:
         if small not in SMALL:
             raise DataError(f"small images: choose from {', '.join(SMALL)}, not {small!r}")
-        self.files = find_images(folder)[:limit]
+        self.files = list_images(folder, recursive=True)[:limit]
         self.hash = manifest_hash(self.files)
         self.patch, self.downscale, self.seed, self.small = patch, downscale, seed, small
         self.skipped = 0

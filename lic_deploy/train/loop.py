@@ -156,11 +156,12 @@ def _check(cfg: TrainConfig) -> None:
 def open_dataset(cfg: TrainConfig) -> Any:
     """The in-memory or the streaming dataset, by --data-mode (auto: streaming for folders with subfolders or more
     than `STREAM_ABOVE` images)."""
-    from lic_deploy.train.data import StreamDataset, cached_dataset, find_images
+    from lic_deploy.runtime.images import list_images
+    from lic_deploy.train.data import StreamDataset, cached_dataset
 
     mode = cfg.data_mode
     if mode == "auto":
-        files = find_images(cfg.data)
+        files = list_images(cfg.data, recursive=True)
         nested = any(f.parent != Path(cfg.data) for f in files)
         mode = "stream" if nested or len(files) > STREAM_ABOVE or cfg.workers else "memory"
     if mode == "memory":
