@@ -210,6 +210,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from lic_deploy.bench.compare import analyse
     from lic_deploy.bench.report import headline_text, write_report
     from lic_deploy.bench.runner import BenchOptions, run_bench
 
@@ -226,13 +227,15 @@ def _bench(args: argparse.Namespace) -> int:
                         outlier_images=args.outlier_images,
                         fallback_target=args.fallback_target, resume=args.resume, device=args.device)
     results = run_bench(args.models, opts)
-    report = write_report(results, opts.out)
-    print(headline_text(results))
+    an = analyse(results)  # results["analysis"] went through `finite` (None for NaN): recomputed for the report
+    report = write_report(results, opts.out, an=an)
+    print(headline_text(an))
     print(f"\nwrote {opts.out / 'results.json'} and {report}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
+    from lic_deploy.bench.compare import analyse
     from lic_deploy.bench.report import headline_text, write_report
     from lic_deploy.bench.runner import load_results
 
@@ -249,8 +252,9 @@ def _report(args: argparse.Namespace) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", finite(results))
-    report = write_report(results, out, note=args.note)
-    print(headline_text(results))
+    an = analyse(results)
+    report = write_report(results, out, note=args.note, an=an)
+    print(headline_text(an))
     print(f"\nwrote {report}")
     return 0
 

@@ -22,6 +22,7 @@ SHIPPED = Path("models/mbt-soap-0.013.safetensors")
 
 
 def quick_bench(models: list[Path], data: Path, out: Path) -> None:
+    from lic_deploy.bench.compare import analyse
     from lic_deploy.bench.report import headline_text, write_report
     from lic_deploy.bench.runner import BenchOptions, run_bench
 
@@ -31,8 +32,9 @@ def quick_bench(models: list[Path], data: Path, out: Path) -> None:
     opts = BenchOptions(data=data / "kodak", out=out / "bench", precisions=("fp32", "int8"), images=2,
                         calib=calib, calib_count=4, repeat=2, outlier_images=1)
     results = run_bench(models, opts)
-    write_report(results, opts.out)
-    print(headline_text(results))
+    an = analyse(results)
+    write_report(results, opts.out, an=an)
+    print(headline_text(an))
     print(f"\nfull report: {opts.out / 'report.md'}")
 
 

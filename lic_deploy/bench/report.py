@@ -289,14 +289,16 @@ def render(results: Mapping[str, Any], an: Mapping[str, Any], note: str | None =
     return "\n".join(lines)
 
 
-def write_report(results: Mapping[str, Any], out: str | os.PathLike, note: str | None = None) -> Path:
-    """Write OUT/report.md and the plots it shows (`note`: a paragraph under the title); the report's path."""
+def write_report(results: Mapping[str, Any], out: str | os.PathLike, note: str | None = None,
+                 an: Mapping[str, Any] | None = None) -> Path:
+    """Write OUT/report.md and the plots it shows (`note`: a paragraph under the title; `an`: the results'
+    `compare.analyse`, computed here when not given); the report's path."""
     import matplotlib
 
     matplotlib.use("Agg")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    an = analyse(results)
+    an = an if an is not None else analyse(results)
     plot_rd(results, out / "rd_curves.png")
     plot_ptq(an, out / "ptq_loss.png")
     plot_outlier_profile(results, out / "outlier_profile.png")
@@ -461,9 +463,9 @@ def plot_latency(an: Mapping[str, Any], path: Path) -> None:
     _save(fig, path)
 
 
-def headline_text(results: Mapping[str, Any]) -> str:
-    """The headline section alone (markdown), for printing at the end of a run."""
-    return "\n".join(_headline(analyse(results)))
+def headline_text(an: Mapping[str, Any]) -> str:
+    """The headline section alone (markdown) of an analysis, for printing at the end of a run."""
+    return "\n".join(_headline(an))
 
 
 def _err(value: float, ci: Sequence[float] | None) -> list[float]:
