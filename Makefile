@@ -81,7 +81,8 @@ models-gpu: $(STAMP)
 # Codec speed, step by step, against CompressAI's compress/decompress of the same models (not a timed test).
 SPEED_MODELS ?= models/mbt-soap-0.013.safetensors $(wildcard $(GPU_MODELS)/mbt128-soap-0.013.safetensors)
 bench-speed: $(STAMP)
-	$(PY) -m lic_deploy.bench.speed_bench $(SPEED_MODELS) --data $(DATA)/kodak --images 4 --out $(OUT)/bench-speed
+	$(PY) -m lic_deploy.bench.speed_bench $(SPEED_MODELS) --data $(DATA)/kodak --images 4 \
+		--paths ort:fp32,ort:fp32@ort,ort:int8 --entropy-bits 16,8 --out $(OUT)/bench-speed
 
 # Training speed: SOAP against Adam per step and in the optimizer part, and the data pipeline's images per second.
 bench-train: $(STAMP)

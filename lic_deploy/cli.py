@@ -171,14 +171,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _codec(args: argparse.Namespace):
-    """The codec encode/decode asked for (--backend, --precision, --threads, --device, --max-pixels)."""
+    """The codec encode/decode asked for (--backend, --precision, --threads, --device, --max-pixels, --intnet)."""
     from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.engines import create_engine
     from lic_deploy.runtime.package import Package
 
     package = Package.open(args.package)
     engine = create_engine(package, args.backend, args.precision, threads=args.threads, device=args.device)
-    return Codec(package, engine=engine, max_pixels=args.max_pixels)
+    return Codec(package, engine=engine, threads=args.threads, max_pixels=args.max_pixels, intnet=args.intnet)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -207,6 +207,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where --backend torch runs (default cpu); "
                    "--backend tensorrt uses GPU N of cuda:N, else GPU 0")
+    p.add_argument("--intnet", metavar="numpy|ort|torch:DEVICE",
+                   help="where the integer entropy networks run; every choice gives the same bits (default: on the "
+                   "GPU with --backend torch --device cuda, else numpy)")
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -290,8 +290,8 @@ def test_golden_stream_decodes_identically() -> None:
     data = (golden / "stream.lic").read_bytes()
     assert hashlib.sha256(data).hexdigest() == expected["stream_sha256"]
     reference = np.asarray(Image.open(golden / "decoded.png"))
-    for backend, intnet in (("ort", None), ("torch", None), ("torch", "cpu")):  # "cpu": the GPU path's evaluator
-        decoded = Codec(golden / "package", backend, "fp32", threads=1, intnet_device=intnet).decode(data)
+    for backend, intnet in (("ort", None), ("torch", None), ("torch", "torch:cpu"), ("ort", "ort")):
+        decoded = Codec(golden / "package", backend, "fp32", threads=1, intnet=intnet).decode(data)
         y_hat = np.ascontiguousarray(decoded.y_hat, np.float32)
         assert hashlib.sha256(y_hat.tobytes()).hexdigest() == expected["y_hat_sha256"], backend
         assert list(decoded.image.shape) == expected["shape"]

@@ -78,6 +78,10 @@ def test_encode_decode_folders(package_mbt: Path, image_dir: Path, tmp_path: Pat
     _one_line_error(code, err, "not a codec package")
     code, err = _run(["encode", str(package_mbt), str(tmp_path / "nothing.png"), "-o", str(tmp_path)], capsys)
     _one_line_error(code, err, "no such file")
+    code, _ = _run(["encode", str(package_mbt), str(image_dir), "-o", str(tmp_path / "ort"), "--intnet", "ort"], capsys)
+    assert code == 0 and (tmp_path / "ort" / "img1.lic").read_bytes() == streams[1].read_bytes()
+    code, err = _run(["decode", str(package_mbt), str(streams[0]), "-o", str(tmp_path), "--intnet", "gpu"], capsys)
+    _one_line_error(code, err, "choose numpy, ort or torch:DEVICE")
 
 
 BLOCKER = """

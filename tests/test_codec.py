@@ -32,7 +32,8 @@ def codecs(package_mbt: Path) -> dict[str, Codec]:
     pkg = Package.open(package_mbt)
     out = {name: Codec(pkg, b, p, threads=t) for name, (b, p, t) in ENGINES.items()}
     # the GPU path's integer networks (torch, float64 GEMMs), here on the CPU
-    out["torch-fp32-intnet-torch"] = Codec(pkg, "torch", "fp32", threads=1, intnet_device="cpu")
+    out["torch-fp32-intnet-torch"] = Codec(pkg, "torch", "fp32", threads=1, intnet="torch:cpu")
+    out["ort-fp32-intnet-ort"] = Codec(pkg, "ort", "fp32", threads=1, intnet="ort")  # h_s as an ONNX graph
     return out
 
 
@@ -70,12 +71,17 @@ def test_cross_backend_bit_exact(codecs: dict[str, Codec], image: np.ndarray) ->
         assert np.array_equal(images[0], images[1])
 
 
-def test_torch_integer_networks_write_the_same_streams(codecs: dict[str, Codec], image: np.ndarray) -> None:
-    """The same engine with the integer networks on torch (the `--device cuda` path) or numpy: the same bytes."""
-    from lic_deploy.entropy.intnet_torch import TorchIntNet
+@pytest.mark.parametrize(("fast_name", "plain_name", "cls"), [("torch-fp32-intnet-torch", "torch-fp32", "TorchIntNet"),
+                                                             ("ort-fp32-intnet-ort", "ort-fp32-1t", "OrtIntNet")])
+def test_other_integer_network_evaluators_write_the_same_streams(codecs: dict[str, Codec], image: np.ndarray,
+                                                                 fast_name: str, plain_name: str, cls: str) -> None:
+    """The same engine with the integer networks on torch (the `--device cuda` path) or as an ONNX graph on ONNX
+    Runtime, against numpy: the same bytes."""
+    from lic_deploy.entropy import intnet_onnx, intnet_torch
 
-    fast, plain = codecs["torch-fp32-intnet-torch"], codecs["torch-fp32"]
-    assert isinstance(fast.entropy.hs, TorchIntNet) and not isinstance(plain.entropy.hs, TorchIntNet)
+    evaluator = getattr(intnet_torch, cls, None) or getattr(intnet_onnx, cls)
+    fast, plain = codecs[fast_name], codecs[plain_name]
+    assert isinstance(fast.entropy.hs, evaluator) and not isinstance(plain.entropy.hs, evaluator)
     assert fast.encode_array(image)[0] == plain.encode_array(image)[0]
 
 
@@ -216,7 +222,8 @@ def test_speed_bench_profiles_every_step(tmp_path: Path, capsys: pytest.CaptureF
     write_images(tmp_path / "img", [(64, 96)])
     ckpt = make_checkpoint(tmp_path / "tiny.pt", "mbt2018-mean", 16, 24)
     assert speed_main([str(ckpt), "--data", str(tmp_path / "img"), "--images", "1", "--repeat", "1",
-                       "--threads", "1", "--out", str(tmp_path / "out")]) == 0
+                       "--threads", "1", "--paths", "ort:fp32,ort:fp32@ort", "--entropy-bits", "16,8",
+                       "--out", str(tmp_path / "out")]) == 0
     assert "enc+dec vs CompressAI" in capsys.readouterr().out
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     (fp32,) = doc["models"]["tiny"]["per_image"]["ort:fp32"]
@@ -224,8 +231,13 @@ def test_speed_bench_profiles_every_step(tmp_path: Path, capsys: pytest.CaptureF
                 "dec_entropy_hs", "dec_entropy_rest", "dec_g_s"):
         assert fp32[key] >= 0, key
     assert fp32["enc_entropy_hs"] > 0 and fp32["dec_entropy_hs"] > 0 and fp32["encode"] > fp32["enc_g_a"]
+    (onnx_nets,) = doc["models"]["tiny"]["per_image"]["ort:fp32@ort"]
+    (e8,) = doc["models"]["tiny"]["per_image"]["ort:fp32 e8"]
+    assert onnx_nets["dec_entropy_hs"] > 0 and e8["dec_entropy_hs"] > 0
     (ca,) = doc["models"]["tiny"]["per_image"]["compressai"]
     assert ca["encode"] > 0 and ca["g_s"] > 0
     out = tmp_path / "refused"
     assert speed_main([str(ckpt), "--data", str(tmp_path / "img"), "--paths", "ort:fp64", "--out", str(out)]) == 2
     assert "expected ort:PRECISION" in capsys.readouterr().err
+    assert speed_main([str(ckpt), "--data", str(tmp_path / "img"), "--paths", "ort:fp32@gpu", "--out", str(out)]) == 2
+    assert "choose numpy, ort or torch" in capsys.readouterr().err

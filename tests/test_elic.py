@@ -61,10 +61,12 @@ def test_cross_backend_bit_exact(package_elic: Path, image: np.ndarray) -> None:
     pkg = Package.open(package_elic)
     codecs = {"ort-fp32": Codec(pkg), "ort-fp32-1t": Codec(pkg, threads=1), "ort-int8": Codec(pkg, "ort", "int8"),
               "torch-fp32": Codec(pkg, "torch", threads=1),
-              "torch-fp32-intnet-torch": Codec(pkg, "torch", threads=1, intnet_device="cpu")}  # the GPU path's nets
+              "torch-fp32-intnet-torch": Codec(pkg, "torch", threads=1, intnet="torch:cpu"),  # the GPU path's nets
+              "ort-fp32-intnet-ort": Codec(pkg, threads=1, intnet="ort")}  # context nets as ONNX graphs
     streams = {name: c.encode_array(image) for name, c in codecs.items()}
     assert len({data for data, _ in streams.values()}) > 1
     assert streams["torch-fp32"][0] == streams["torch-fp32-intnet-torch"][0]  # context nets on torch: same bytes
+    assert streams["ort-fp32-1t"][0] == streams["ort-fp32-intnet-ort"][0]  # and as ONNX graphs
     for enc_name, (data, y_enc) in streams.items():
         _, parts = unpack(data)
         assert len(parts) == 12  # z, 5 groups x (anchors, non-anchors), escapes

@@ -176,6 +176,32 @@ def test_accumulator_exact_just_below_2_pow_53(kind):
     np.testing.assert_array_equal(IntNet([layer], in_max)(x), ref_requant(ref, layer))
 
 
+@pytest.mark.parametrize("kind", ["conv", "deconv"])
+def test_float32_gemm_chosen_only_under_its_bound_and_exact_there(kind):
+    """Layers with in_max * sum|w| < 2**24 run float32 GEMMs: exact with odd weights of one sign and inputs that
+    bring one output's sums to just below 2**24; one more unit of in_max switches the layer to float64."""
+    n_in, n_out = 32, 2
+    shape = (n_out, n_in, 3, 3) if kind == "conv" else (n_in, n_out, 3, 3)
+    w = np.full(shape, -127, dtype=np.int8)
+    w.flat[::7] = 125  # odd weights of both signs on the other channel positions
+    w_sum = np.abs(w.astype(I64)).sum(axis=(1, 2, 3) if kind == "conv" else (0, 2, 3))
+    in_max = (2**24 - 1) // int(w_sum.max())
+    one = np.full(n_out, 1, dtype=I64)
+
+    def make(m: int) -> IntLayer:
+        return IntLayer(kind, w, np.full(n_out, 7, I64), 1, 1, 0, one * 2, one * 2, one, -(2**62), 2**62, m)
+
+    layer = make(in_max)
+    assert layer._dtype is np.float32 and make(in_max + 1)._dtype is np.float64
+    rng = np.random.default_rng(4)
+    x = (in_max - rng.integers(0, 3, size=(n_in, 6, 6))) * np.sign(w.reshape(-1)[0])  # all products of one sign
+    x = np.where(rng.random(x.shape) < 0.2, -x, x).astype(I64)  # some of the other sign: odd partial sums
+    acc = layer.accumulate(x)
+    ref = ref_conv_acc(x, w, layer.bias, 1, 1) if kind == "conv" else ref_deconv_acc(x, w, layer.bias, 1, 1, 0)
+    np.testing.assert_array_equal(acc, ref)
+    assert np.abs(ref).max() > 2**23  # the sums really come near the float32 bound
+
+
 # ---------------------------------------------------------------- (2) accuracy of a converted h_s
 
 
@@ -500,3 +526,92 @@ def test_torch_evaluator_runs_a_converted_hs_and_checks_inputs():
     assert fast.in_channels == net.in_channels and fast.layers is net.layers
     with pytest.raises(ValueError, match="must lie in"):
         fast(np.full_like(x, net.in_max + 1))
+
+
+# ---------------------------------------------------------------- (8) ONNX graphs of exact float32 parts (ORT)
+
+
+def test_split_plan_keeps_every_part_sum_below_2_pow_24_with_fewest_parts():
+    from lic_deploy.entropy.intnet_onnx import F32_EXACT, split_plan
+
+    rng = np.random.default_rng(5)
+    for n_in, k, in_max in [(2, 1, 100), (40, 3, 2**15 - 1), (128, 5, 2**15 - 1), (288, 3, 2**15 - 1),
+                            (64, 5, 2**20), (4, 3, 2**23)]:
+        layer = random_layer(rng, "conv", n_in, 3, k, 1, k // 2, in_max=in_max)
+        s_max = int(np.abs(layer.weight.astype(I64)).sum(axis=(1, 2, 3)).max())
+        b, parts = split_plan(layer)
+        if parts == 1:
+            assert in_max * s_max < F32_EXACT
+            continue
+        top = (in_max >> (b * (parts - 1))) + 1
+        assert (2**b - 1) * s_max < F32_EXACT and top * s_max < F32_EXACT
+        assert 2 ** (b + 1) - 1 >= F32_EXACT / s_max  # b is the widest part that fits
+        assert ((in_max >> (b * (parts - 2))) + 1) * s_max >= F32_EXACT  # one part fewer would not fit
+
+
+@pytest.mark.parametrize(("kind", "k", "s", "p", "op"), [("conv", 3, 1, 1, 0), ("conv", 5, 2, 2, 0),
+                                                         ("deconv", 5, 2, 2, 1), ("deconv", 3, 2, 1, 1),
+                                                         ("deconv", 4, 2, 1, 0)])
+def test_onnx_evaluator_equals_numpy_and_int64_reference(kind, k, s, p, op):
+    """`OrtIntNet` (the ONNX graph: float32 convolutions of split parts, int64 requantization) against numpy's
+    IntNet and the pure-int64 reference, inputs at +-in_max; wide enough that the input is split in parts."""
+    from lic_deploy.entropy.intnet_onnx import OrtIntNet, split_plan
+
+    rng = np.random.default_rng(hash((kind, k, s, p, op, "ort")) % 2**32)
+    layer = random_layer(rng, kind, 48, 6, k, s, p, op)
+    assert split_plan(layer)[1] >= 2
+    x = random_input(rng, 48, 9, 7, layer.in_max)
+    net = IntNet([layer], layer.in_max)
+    out = OrtIntNet(net, threads=2)(x)
+    assert out.dtype == I64
+    np.testing.assert_array_equal(out, net(x))
+    np.testing.assert_array_equal(out, ref_layer(x, layer))
+
+
+@pytest.mark.parametrize("kind", ["conv", "deconv"])
+def test_onnx_evaluator_exact_at_the_float32_bound(kind):
+    """Odd weights of one sign and inputs whose lower parts are near 2**b - 1 drive those parts' sums to just below
+    2**24 with every low bit in play: exact (one bit more per part would not be)."""
+    from lic_deploy.entropy.intnet_onnx import F32_EXACT, OrtIntNet, split_plan
+
+    n_in, n_out = 64, 2
+    shape = (n_out, n_in, 3, 3) if kind == "conv" else (n_in, n_out, 3, 3)
+    w = np.full(shape, -127, dtype=np.int8)
+    one = np.full(n_out, 1, dtype=I64)
+    layer = IntLayer(kind, w, np.zeros(n_out, I64), 1, 1, 0, one * 2, one * 2, one, -(2**62), 2**62, 2**15 - 1)
+    b, parts = split_plan(layer)
+    assert parts >= 2 and (2**b - 1) * 127 * n_in * 9 > F32_EXACT // 2  # within 2x of the bound
+    rng = np.random.default_rng(3)
+    x = rng.integers(-layer.in_max, layer.in_max + 1, size=(n_in, 6, 6))
+    x = np.clip((x >> b << b) + (2**b - 1) - rng.integers(0, 3, size=x.shape), -layer.in_max, layer.in_max)
+    x[0, 0, 0], x[1, 1, 1] = layer.in_max, -layer.in_max
+    net = IntNet([layer], layer.in_max)
+    np.testing.assert_array_equal(OrtIntNet(net, threads=1)(x.astype(I64)), ref_layer(x.astype(I64), layer))
+
+
+def test_onnx_evaluator_runs_a_converted_hs_and_its_graph_checks():
+    import onnx
+
+    from lic_deploy.entropy.intnet_onnx import OrtIntNet, intnet_to_onnx
+
+    _, net = built_hs()
+    x = z_hat(7)[0].numpy().astype(I64)
+    fast = OrtIntNet(net)
+    np.testing.assert_array_equal(fast(x), net(x))
+    assert fast.out_channels == net.out_channels and fast.layers is net.layers
+    model = intnet_to_onnx(net)
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.op_type for n in model.graph.node} >= {"ConvTranspose", "Conv", "Mod", "Clip"}
+    with pytest.raises(ValueError, match="must lie in"):
+        fast(np.full_like(x, net.in_max + 1))
+
+
+def test_evaluator_choice_is_checked():
+    from lic_deploy.entropy import evaluators
+    from lic_deploy.errors import LicError
+
+    for good in ("numpy", "ort", "torch:cpu", "torch:cuda", "torch:cuda:1"):
+        assert evaluators.check(good) == good
+    for bad in ("onnx", "torch", "torch:tpu", ""):
+        with pytest.raises(LicError, match="choose numpy, ort or torch"):
+            evaluators.check(bad)

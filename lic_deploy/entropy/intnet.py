@@ -2,9 +2,9 @@
 
 Encoder and decoder must derive identical entropy parameters on every machine, so h_s is run as an
 integer network: int8 weights, int64 accumulators and per-channel fixed-point requantization. The
-convolutions use float64 GEMMs (numpy has no integer BLAS) under a construction-time bound that makes
-every partial sum an exactly representable integer, so the result does not depend on the BLAS, the
-summation order or the thread count.
+convolutions use float64 GEMMs (numpy has no integer BLAS; float32 where a layer's bound allows) under a
+construction-time bound that makes every partial sum an exactly representable integer, so the result does
+not depend on the BLAS, the summation order or the thread count.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from lic_deploy.errors import PackageError
 
 EXACT_LIMIT = 2**53  # |integers| below this are exact in float64, and so are sums of them that stay below it
+EXACT_LIMIT_F32 = 2**24  # the same for float32: layers whose sums stay below it run their GEMMs in float32
 PRODUCT_LIMIT = 2**62  # bound on |acc * multiplier|; adding the rounding term 2**(shift-1) keeps it < 2**63
 MAX_SHIFT = 62
 CHUNK_BYTES = 16 * 2**20  # float64 working set per row chunk; peak extra memory stays a few times this
@@ -64,6 +65,7 @@ class IntLayer:
     out_max: int
     in_max: int
     _wmat: np.ndarray = field(init=False, repr=False)
+    _dtype: type = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -108,11 +110,15 @@ class IntLayer:
             if acc_max * m_max >= PRODUCT_LIMIT:
                 raise ValueError(f"channel {o}: |acc| * multiplier may reach {acc_max * m_max} >= 2**62")
 
+        # float32 GEMMs (about twice float64's speed) where every partial sum, bias excluded (it is added in int64),
+        # stays below 2**24: in_max * max_o sum|w_o| < 2**24, e.g. int8 activations (`--entropy-bits 8`).
+        dtype = np.float32 if self.in_max * int(w_sum.max()) < EXACT_LIMIT_F32 else np.float64
+        object.__setattr__(self, "_dtype", dtype)
         kh, kw = self.kernel
         if self.kind == "conv":  # [kh*kw*I, O]: rows in the (ky, kx, channel) order of the im2col columns
-            wmat = w.astype(np.float64).transpose(2, 3, 1, 0).reshape(kh * kw * self.in_channels, n_out).copy()
+            wmat = w.astype(dtype).transpose(2, 3, 1, 0).reshape(kh * kw * self.in_channels, n_out).copy()
         else:  # [I, kh*kw*O]: O innermost, so the overlap-add below works on contiguous rows
-            wmat = w.astype(np.float64).transpose(0, 2, 3, 1).reshape(self.in_channels, kh * kw * n_out)
+            wmat = w.astype(dtype).transpose(0, 2, 3, 1).reshape(self.in_channels, kh * kw * n_out)
         wmat.flags.writeable = False
         object.__setattr__(self, "_wmat", wmat)
 
@@ -175,16 +181,16 @@ class IntLayer:
         for r0 in range(0, ho, rows):
             r1 = min(ho, r0 + rows)
             top, bottom = r0 * s - p, (r1 - 1) * s - p + kh  # input rows [top, bottom) incl. padding
-            slab = np.zeros((bottom - top, w + 2 * p, n_in), dtype=np.float64)  # HWC: channels contiguous
+            slab = np.zeros((bottom - top, w + 2 * p, n_in), dtype=self._dtype)  # HWC: channels contiguous
             src0, src1 = max(top, 0), min(bottom, h)
             if src1 > src0:
                 slab[src0 - top : src1 - top, p : p + w] = a[:, src0:src1].transpose(1, 2, 0)
             # im2col by kernel offset: each (ky, kx) copies whole channel vectors; columns in (ky, kx, c) order
-            cols = np.empty((r1 - r0, wo, kh * kw, n_in), dtype=np.float64)
+            cols = np.empty((r1 - r0, wo, kh * kw, n_in), dtype=self._dtype)
             for ky in range(kh):
                 for kx in range(kw):
                     cols[:, :, ky * kw + kx] = slab[ky : ky + (r1 - r0 - 1) * s + 1 : s, kx : kx + (wo - 1) * s + 1 : s]
-            # Exact: |partial sums| <= in_max * max_o sum|w_o| < 2**53 (checked in __post_init__).
+            # Exact: |partial sums| <= in_max * max_o sum|w_o| < 2**53 (2**24 in float32; __post_init__).
             res = cols.reshape((r1 - r0) * wo, fan_in) @ self._wmat
             acc[:, r0:r1] = np.rint(res).astype(np.int64).T.reshape(-1, r1 - r0, wo)
         return acc
@@ -195,14 +201,14 @@ class IntLayer:
         n_out = self.out_channels
         ho, wo = self.output_size(h, w)
         extra = max(0, self.output_padding - p)  # output_padding rows/cols beyond the overlap-add extent
-        # HWC, float64: every partial overlap-add sum is a sum of some of one output's terms, so its magnitude is
-        # within the same in_max * sum|w_o| < 2**53 bound and exact; rounded to int64 once at the end.
-        full = np.zeros(((h - 1) * s + kh + extra, (w - 1) * s + kw + extra, n_out), dtype=np.float64)
+        # HWC, float64 (float32 under its bound): every partial overlap-add sum is a sum of some of one output's
+        # terms, so its magnitude is within the same in_max * sum|w_o| bound and exact; rounded to int64 at the end.
+        full = np.zeros(((h - 1) * s + kh + extra, (w - 1) * s + kw + extra, n_out), dtype=self._dtype)
         rows = max(1, CHUNK_BYTES // (8 * w * (n_in + n_out * kh * kw)))
         for r0 in range(0, h, rows):
             r1 = min(h, r0 + rows)
-            x = a[:, r0:r1].reshape(n_in, -1).T.astype(np.float64)
-            # Exact: |partial sums| <= in_max * max_o sum|w_o| < 2**53 (checked in __post_init__).
+            x = a[:, r0:r1].reshape(n_in, -1).T.astype(self._dtype)
+            # Exact: |partial sums| <= in_max * max_o sum|w_o| < 2**53 (2**24 in float32; __post_init__).
             res = (x @ self._wmat).reshape(r1 - r0, w, kh, kw, n_out)
             for ky in range(kh):
                 ys = slice(r0 * s + ky, (r1 - 1) * s + ky + 1, s)

@@ -28,7 +28,7 @@ class TorchIntNet:
         self._compiled = []
         for layer in net.layers:
             w = torch.from_numpy(layer.weight.astype(np.float64)).to(device)
-            ints = {k: torch.from_numpy(np.asarray(getattr(layer, k))).to(device)[:, None, None]
+            ints = {k: torch.from_numpy(np.array(getattr(layer, k))).to(device)[:, None, None]
                     for k in ("bias", "mult", "mult_neg", "shift")}
             self._compiled.append((layer, w, ints))
 
@@ -83,12 +83,3 @@ def _requantize(acc: Any, layer: IntLayer, ints: dict[str, Any]) -> Any:
     t = (t + (torch.ones_like(ints["shift"]) << (ints["shift"] - 1))) >> ints["shift"]
     return torch.clamp(t, layer.out_min, layer.out_max)
 
-
-def on_device(model: Any, device: str) -> None:
-    """Replace every IntNet attribute of an entropy model (h_s; ELIC's context networks) with its torch
-    evaluator on `device`."""
-    for name, value in list(vars(model).items()):
-        if isinstance(value, IntNet):
-            setattr(model, name, TorchIntNet(value, device))
-        elif isinstance(value, list) and any(isinstance(v, IntNet) for v in value):
-            setattr(model, name, [TorchIntNet(v, device) if isinstance(v, IntNet) else v for v in value])

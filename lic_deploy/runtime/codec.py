@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lic_deploy.entropy import evaluators
 from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS, MODE_GRAY, MODE_RGB, Header, pack, unpack
 from lic_deploy.entropy.model import EntropyModel, open_entropy_model
 from lic_deploy.errors import BitstreamError, DataError
@@ -39,15 +40,17 @@ class Codec:
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
                  threads: int | None = None, engine: Engine | None = None, device: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, intnet_device: str | None = None) -> None:
-        """`intnet_device`: where the integer networks run. None: on the engine's CUDA device when the engine is
-        PyTorch on CUDA (torch, float64 GEMMs: `entropy.intnet_torch`), else with numpy on the CPU; a device
-        name ("cpu", "cuda:0") forces the torch evaluator there. Every choice gives the same bits."""
+                 max_pixels: int = DEFAULT_MAX_PIXELS, intnet: str | None = None) -> None:
+        """`intnet`: where the integer networks run (`entropy.evaluators`: "numpy", "ort", "torch:DEVICE"). None:
+        on the engine's device when the engine is PyTorch on CUDA ("torch:cuda..."), else "numpy". Every choice
+        gives the same bits."""
         self.package = package if isinstance(package, Package) else Package.open(package)
         self.engine = engine or create_engine(self.package, backend, precision, threads=threads, device=device)
         self.max_pixels = max_pixels
         engine_device = str(getattr(self.engine, "device", "cpu"))
-        self.intnet_device = intnet_device or (engine_device if engine_device.startswith("cuda") else None)
+        auto = f"torch:{engine_device}" if engine_device.startswith("cuda") else "numpy"
+        self.intnet = evaluators.check(intnet or auto)
+        self.threads = threads
         self.timings: dict[str, float] = {}
         self._entropy: EntropyModel | None = None
 
@@ -55,10 +58,7 @@ class Codec:
     def entropy(self) -> EntropyModel:
         if self._entropy is None:
             self._entropy = open_entropy_model(self.package.entropy)
-            if self.intnet_device:
-                from lic_deploy.entropy.intnet_torch import on_device
-
-                on_device(self._entropy, self.intnet_device)
+            evaluators.install(self._entropy, self.intnet, self.threads)
         return self._entropy
 
     def _tick(self, name: str, t0: float) -> float:
