@@ -135,6 +135,16 @@ def _calib(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arch_options(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"expected KEY=POSITIVE_INT[,KEY=...], got {item!r}")
+        out[key.strip()] = int(value)
+    return out
+
+
 def _two_widths(text: str) -> tuple[int, int]:
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
@@ -160,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
                       resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
-                      context_widths=args.context_widths, device=args.device, amp=args.amp, schedule=args.schedule,
+                      context_widths=args.context_widths, arch_options=args.arch_config, device=args.device, amp=args.amp, schedule=args.schedule,
                       lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
                       data_mode=args.data_mode, workers=args.workers, small=args.small, max_seconds=args.max_seconds,
                       soap_impl=args.soap_impl)
@@ -354,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=sorted(REGISTRY), default="mbt2018-mean")
     p.add_argument("--N", type=_positive, default=64, help="channels of the hyper-latent / transforms (64)")
     p.add_argument("--M", type=_positive, default=96, help="channels of the latent y (96; ELIC needs M > 128)")
+    p.add_argument("--arch-config", type=_arch_options, metavar="K=V,...",
+                   help="further architecture knobs; TCM: slices, depth (blocks per stage), attn (SWAtten width), "
+                   "cc1, cc2 (conv-chain widths), Z (hyper-latent channels); official TCM-S/M/L: --N 64/96/128 "
+                   "--M 320 with the defaults slices=5,depth=2,attn=128,cc1=224,cc2=128,Z=192")
     p.add_argument("--context-widths", type=_two_widths, metavar="A,B",
                    help="ELIC: hidden widths of the channel-context networks (default CompressAI's 224,128)")
     p.add_argument("--optimizer", choices=("soap", "adam"), default="soap")
@@ -362,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
     p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
     p.add_argument("--batch", type=_positive, default=8)
-    p.add_argument("--patch", type=_positive, default=128, help="crop side, a multiple of 64 (128)")
+    p.add_argument("--patch", type=_positive, default=128, help="crop side: a multiple of 64 (TCM: of 128, at least 256) (128)")
     p.add_argument("--downscale", type=int, default=256,
                    help="first resize each image so its shorter side is this many pixels; 0 = off (256)")
     p.add_argument("--lr", type=float, help="learning rate (default: adam 1e-4, soap 3e-3)")

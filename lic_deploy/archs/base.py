@@ -61,6 +61,8 @@ class Adapter(Protocol):
     """An architecture family: builds its torch model, recognises its checkpoints, describes it as a CodecSpec."""
 
     name: str
+    pad_multiple: int  # images are padded to multiples of this many pixels...
+    min_size: int  # ...and to at least this many a side (training crops too)
 
     def config_from_state_dict(self, state_dict: dict[str, Any]) -> dict[str, int] | None:
         """The model config if the keys belong to this architecture, else None."""

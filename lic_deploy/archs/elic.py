@@ -51,6 +51,7 @@ def _masked_as_conv(masked: Any) -> Any:
 
 class ElicAdapter:
     name = "elic"
+    pad_multiple, min_size = 64, 64
 
     def config_from_state_dict(self, state_dict: dict[str, Any]) -> dict[str, int] | None:
         try:

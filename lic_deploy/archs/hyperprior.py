@@ -49,6 +49,8 @@ def entropy_tables(eb: Any, gc: Any) -> dict[str, np.ndarray]:
 class HyperpriorAdapter:
     """Adapter for one member of the family; `has_means` selects mean-scale (mbt2018-mean)."""
 
+    pad_multiple, min_size = 64, 64
+
     def __init__(self, name: str, has_means: bool) -> None:
         self.name = name
         self.has_means = has_means

@@ -7,9 +7,10 @@ from typing import Any
 from lic_deploy.archs.base import Adapter
 from lic_deploy.archs.elic import ADAPTERS as ELIC
 from lic_deploy.archs.hyperprior import ADAPTERS as HYPERPRIOR
+from lic_deploy.archs.tcm import ADAPTERS as TCM
 from lic_deploy.errors import CheckpointError
 
-REGISTRY: dict[str, Adapter] = {a.name: a for a in (*HYPERPRIOR, *ELIC)}
+REGISTRY: dict[str, Adapter] = {a.name: a for a in (*HYPERPRIOR, *ELIC, *TCM)}
 
 
 def get_adapter(name: str) -> Adapter:

@@ -109,13 +109,16 @@ def save_image(path: str | os.PathLike, hwc_u8: np.ndarray, *, grey: bool = Fals
         tmp.unlink(missing_ok=True)
 
 
-def pad_to_multiple(chw: np.ndarray, multiple: int) -> tuple[np.ndarray, int, int]:
-    """Pad bottom/right by edge replication so H and W are multiples of `multiple` (pixels).
-
-    Returns the padded array and the rows and columns added.
+def pad_to_multiple(chw: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.ndarray, int, int]:
+    """Pad bottom/right by edge replication so H and W are multiples of `multiple` and at least `min_size`
+    (pixels). Returns the padded array and the rows and columns added.
     """
     _, h, w = chw.shape
-    pb, pr = (-h) % multiple, (-w) % multiple
+
+    def added(n: int) -> int:  # up to the next multiple, and to the first multiple >= min_size
+        return max(-(-n // multiple), -(-min_size // multiple)) * multiple - n
+
+    pb, pr = added(h), added(w)
     if pb or pr:
         chw = np.pad(chw, ((0, 0), (0, pb), (0, pr)), mode="edge")
     return np.ascontiguousarray(chw), pb, pr

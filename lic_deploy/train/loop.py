@@ -64,6 +64,7 @@ class TrainConfig:
     until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
     max_seconds: float | None = None  # stop (and save) once this many seconds of training have run
     context_widths: tuple[int, int] | None = None  # ELIC: channel-context hidden widths (None: CompressAI's)
+    arch_options: dict[str, int] | None = None  # further architecture knobs, e.g. TCM's slices, depth, attn
     device: str = "cpu"  # cpu, cuda, cuda:N (under torchrun with cuda: cuda:LOCAL_RANK)
     amp: str | None = None  # "bf16": the transforms in bfloat16, likelihoods and loss in float32
     accum: int = 1  # micro-batches per process and step
@@ -77,7 +78,7 @@ class TrainConfig:
         config = {"N": self.N, "M": self.M}
         if self.context_widths:
             config |= {"cc1": self.context_widths[0], "cc2": self.context_widths[1]}
-        return config
+        return config | dict(self.arch_options or {})
 
     def lr_schedule(self) -> Any:
         from lic_deploy.train.schedule import Schedule
@@ -95,13 +96,13 @@ def rd_loss(out: dict[str, Any], x: Any, lmbda: float) -> tuple[Any, Any, Any]:
     return lmbda * 255**2 * mse + bpp, bpp, mse
 
 
-def _val_images(folder: str, count: int) -> list[np.ndarray]:
+def _val_images(folder: str, count: int, adapter: Any) -> list[np.ndarray]:
     from lic_deploy.runtime.images import list_images, load_rgb, pad_to_multiple
 
     out = []
     for path in list_images(folder)[:count]:
         img, _ = load_rgb(path, warn=False)
-        out.append(pad_to_multiple(img, 64)[0][None])
+        out.append(pad_to_multiple(img, adapter.pad_multiple, adapter.min_size)[0][None])
     return out
 
 
@@ -126,14 +127,15 @@ def _check(cfg: TrainConfig) -> None:
     from lic_deploy.archs.registry import get_adapter
     from lic_deploy.train.optim import OPTIMIZERS
 
-    get_adapter(cfg.arch)
+    adapter = get_adapter(cfg.arch)
     if cfg.optimizer not in OPTIMIZERS:
         raise LicError(f"unknown optimizer {cfg.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
     for name in ("steps", "batch", "patch", "N", "M", "log_every", "val_every", "ckpt_every", "align_every"):
         if getattr(cfg, name) < 1:
             raise LicError(f"--{name.lower()} must be at least 1")
-    if cfg.patch % 64:
-        raise LicError(f"--patch must be a multiple of 64 (the model's stride), got {cfg.patch}")
+    if cfg.patch % adapter.pad_multiple or cfg.patch < adapter.min_size:
+        raise LicError(f"--patch must be a multiple of {adapter.pad_multiple} and at least {adapter.min_size} for "
+                       f"{cfg.arch}, got {cfg.patch}")
     if cfg.lmbda <= 0:
         raise LicError("--lmbda must be positive")
     if not Path(cfg.data).is_dir():
@@ -180,7 +182,8 @@ def step_batches(dataset: Any, cfg: TrainConfig, start: int, items: list[int]) -
         yield dataset.batch(step, items, cfg.patch, cfg.seed)
 
 
-def autocast_transforms(model: Any, device: str, names: tuple[str, ...] = ("g_a", "g_s", "h_a", "h_s")) -> None:
+def autocast_transforms(model: Any, device: str,
+                        names: tuple[str, ...] = ("g_a", "g_s", "h_a", "h_s", "h_mean_s", "h_scale_s")) -> None:
     """Run the transforms `names` in bfloat16 (autocast) and return float32 from them, so that the entropy
     models' likelihoods and the loss stay float32. The modules' parameters stay float32 (the optimizers' copy);
     the state dict's keys do not change."""
@@ -236,13 +239,13 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     out = Path(cfg.output)
     log_path = out.with_suffix(out.suffix + ".jsonl")
     dataset = open_dataset(cfg)
-    val = _val_images(cfg.val, cfg.val_count) if cfg.val and world.main else []
+    val = _val_images(cfg.val, cfg.val_count, get_adapter(cfg.arch)) if cfg.val and world.main else []
     schedule = cfg.lr_schedule()
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed alone
     try:
         model = get_adapter(cfg.arch).build(cfg.arch_config())
-    except ValueError as exc:  # an impossible width for the architecture
-        raise LicError(str(exc)) from None
+    except (ValueError, TypeError) as exc:  # an impossible width, or a knob the architecture does not have
+        raise LicError(f"--arch {cfg.arch} {cfg.arch_config()}: {exc}") from None
     model.to(world.device)
     if cfg.amp:
         autocast_transforms(model, world.device)

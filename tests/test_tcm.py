@@ -1,0 +1,166 @@
+"""TCM: the official key layout and sizes, the window attention against slow references, the float reference
+codec, training from the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lic_deploy.archs.tcm import TCM, TcmAdapter, config_for
+from lic_deploy.archs.tcm_layers import WindowAttention
+
+TINY = {"N": 32, "M": 40, "slices": 5, "depth": 1, "attn": 16, "cc1": 16, "cc2": 16, "Z": 16}
+
+
+def official_shift_mask(h_windows: int, w_windows: int, p: int, shift: int) -> torch.Tensor:
+    """TCM's `generate_mask` as its code builds it: four slice assignments on a [w1, w2, p1, p2, p3, p4] grid."""
+    m = torch.zeros(h_windows, w_windows, p, p, p, p, dtype=torch.bool)
+    s = p - shift
+    m[-1, :, :s, :, s:, :] = True
+    m[-1, :, s:, :, :s, :] = True
+    m[:, -1, :, :s, :, s:] = True
+    m[:, -1, :, s:, :, :s] = True
+    return m.reshape(h_windows * w_windows, p * p, p * p)
+
+
+def naive_window_attention(att: WindowAttention, x: torch.Tensor) -> np.ndarray:
+    """Float64 loops over windows and heads: roll, per-window softmax(q k^T * scale + bias [masked]) v, unroll."""
+    xd = x.double()[0].numpy()
+    h, w, c = xd.shape
+    win, heads, hd = att.window, att.heads, att.head_dim
+    if att.shifted:
+        xd = np.roll(xd, (-(win // 2), -(win // 2)), axis=(0, 1))
+    wq = att.embedding_layer.weight.detach().double().numpy()
+    bq = att.embedding_layer.bias.detach().double().numpy()
+    wo, bo = att.linear.weight.detach().double().numpy(), att.linear.bias.detach().double().numpy()
+    params = att.relative_position_params.detach().double().numpy()
+    mask = official_shift_mask(h // win, w // win, win, win // 2).numpy() if att.shifted else None
+    out = np.zeros_like(xd)
+    for wi in range(h // win):
+        for wj in range(w // win):
+            tokens = xd[wi * win:(wi + 1) * win, wj * win:(wj + 1) * win].reshape(-1, c)
+            qkv = tokens @ wq.T + bq
+            heads_out = []
+            for hh in range(heads):
+                q = qkv[:, hh * hd:(hh + 1) * hd]
+                k = qkv[:, c + hh * hd:c + (hh + 1) * hd]
+                v = qkv[:, 2 * c + hh * hd:2 * c + (hh + 1) * hd]
+                sim = q @ k.T * hd**-0.5
+                for i in range(win * win):
+                    for j in range(win * win):
+                        sim[i, j] += params[hh, i // win - j // win + win - 1, i % win - j % win + win - 1]
+                        if mask is not None and mask[wi * (w // win) + wj, i, j]:
+                            sim[i, j] = -np.inf
+                p = np.exp(sim - sim.max(axis=1, keepdims=True))
+                heads_out.append((p / p.sum(axis=1, keepdims=True)) @ v)
+            res = np.concatenate(heads_out, axis=1) @ wo.T + bo
+            out[wi * win:(wi + 1) * win, wj * win:(wj + 1) * win] = res.reshape(win, win, c)
+    if att.shifted:
+        out = np.roll(out, (win // 2, win // 2), axis=(0, 1))
+    return out
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_attention_matches_a_naive_reference(shifted: bool) -> None:
+    torch.manual_seed(0)
+    att = WindowAttention(16, 8, 4, shifted).eval()
+    with torch.no_grad():
+        att.relative_position_params.normal_(0, 1)  # a bias large enough to matter
+        x = torch.randn(1, 8, 12, 16)
+        out = att(x)[0].double().numpy()
+    np.testing.assert_allclose(out, naive_window_attention(att, x), atol=1e-5)
+
+
+def test_shift_mask_equals_the_official_construction() -> None:
+    for (h, w), win in [((8, 12), 4), ((16, 16), 8), ((24, 8), 8)]:
+        att = WindowAttention(8, 8, win, shifted=True)
+        expected = official_shift_mask(h // win, w // win, win, win // 2)
+        assert torch.equal(att.shift_mask(h, w, torch.device("cpu")), expected)
+
+
+def test_official_configurations_have_the_official_layout() -> None:
+    """The official code's counts (../shared/ARCHITECTURES.md): 1293 state-dict keys for every size,
+    45.18M / 59.13M / 76.57M parameters for TCM-S/M/L, and the named key shapes."""
+    expected_params = {"S": 45.18, "M": 59.13, "L": 76.57}
+    for size in "SML":
+        model = TCM(**config_for(size))
+        sd = model.state_dict()
+        assert len(sd) == 1293, size
+        assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == expected_params[size]
+        n = config_for(size)["N"]
+        assert tuple(sd["g_a.1.trans_block.msa.relative_position_params"].shape) == (n // 8, 15, 15)
+        assert tuple(sd["h_a.1.trans_block.msa.relative_position_params"].shape) == (n // 32, 7, 7)
+        assert tuple(sd["g_a.1.trans_block.msa.embedding_layer.weight"].shape) == (3 * n, n)
+        assert tuple(sd["atten_mean.4.0.in_conv.weight"].shape) == (128, 320 + 4 * 64, 1, 1)
+        assert tuple(sd["lrp_transforms.4.0.weight"].shape) == (224, 320 + 5 * 64, 3, 3)
+        assert tuple(sd["entropy_bottleneck.quantiles"].shape) == (192, 1, 3)
+        for key in ("g_a.1.conv1_1.weight", "g_a.1.conv1_2.weight", "g_a.1.conv_block.conv1.weight",
+                    "h_mean_s.0.subpel_conv.0.weight", "h_scale_s.3.0.weight", "atten_scale.0.0.conv_b.3.weight",
+                    "cc_scale_transforms.2.4.weight", "gaussian_conditional.scale_table"):
+            assert key in sd, key
+        assert TcmAdapter().config_from_state_dict(sd) == config_for(size)
+
+
+def test_official_training_checkpoint_with_module_prefixes_loads(tmp_path: Path) -> None:
+    """A random-weight TCM-S saved as TCM's train.py saves it (dict with epoch, state_dict with `module.`
+    prefixes, optimizer states) loads through lic-deploy's checkpoint reader with the config inferred."""
+    from lic_deploy.archs.checkpoint import load_model
+
+    torch.manual_seed(1)
+    model = TCM(**config_for("S"))
+    opt = torch.optim.Adam(list(model.parameters())[:3], lr=1e-4)
+    path = tmp_path / "checkpoint_best_loss.pth.tar"
+    torch.save({"epoch": 49, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "loss": 0.5, "optimizer": opt.state_dict(), "aux_optimizer": opt.state_dict(),
+                "lr_scheduler": {"milestones": {45: 1, 48: 1}, "gamma": 0.1}}, path)
+    loaded = load_model(path)
+    assert loaded.arch == "tcm" and loaded.config == config_for("S")
+    for key in ("g_s.7.trans_block.mlp.2.weight", "atten_mean.3.0.non_local_block.block_2.msa.linear.bias"):
+        assert torch.equal(loaded.model.state_dict()[key], model.state_dict()[key]), key
+
+
+def test_float_reference_codec_round_trip_and_rate() -> None:
+    """compress/decompress of a narrow TCM: the decoder rebuilds the encoder's x_hat exactly (same machine, same
+    float path), and the bytes track the model's own likelihood estimate."""
+    torch.manual_seed(2)
+    model = TCM(**TINY).eval()
+    model.update(force=True)
+    x = torch.rand(1, 3, 256, 384)
+    with torch.no_grad():
+        enc = model.compress(x)
+        dec = model.decompress(enc["strings"], enc["shape"])
+        out = model(x)
+    assert len(enc["strings"]) == 1 + TINY["slices"] and tuple(enc["shape"]) == (4, 6)
+    assert dec["x_hat"].shape == x.shape
+    n_bytes = sum(len(s[0]) for s in enc["strings"])
+    est = float(sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values())) / 8
+    assert 0.7 * est < n_bytes < 1.3 * est + 200
+    with torch.no_grad():  # the same x_hat as a second decode (deterministic)
+        again = model.decompress(enc["strings"], enc["shape"])
+    assert torch.equal(dec["x_hat"], again["x_hat"])
+
+
+def test_train_cli_tcm_soap_and_adam(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.archs.checkpoint import load_model
+    from lic_deploy.cli import main
+    from tests.conftest import write_images
+
+    tiny_data = tmp_path / "data"
+    write_images(tiny_data, [(260, 300), (280, 256)])
+    knobs = ",".join(f"{k}={v}" for k, v in TINY.items() if k not in ("N", "M"))
+    for opt in ("soap", "adam"):
+        out = tmp_path / f"tcm-{opt}.pt"
+        assert main(["train", "--arch", "tcm", "--data", str(tiny_data), "-o", str(out), "--N", "32", "--M", "40",
+                     "--arch-config", knobs, "--patch", "256", "--batch", "1", "--steps", "2", "--log-every", "1",
+                     "--optimizer", opt, "--align-every", "1", "--downscale", "0"]) == 0
+        loaded = load_model(out)
+        assert loaded.arch == "tcm" and loaded.config == TINY
+    assert main(["train", "--arch", "tcm", "--data", str(tiny_data), "-o", str(tmp_path / "x.pt"),
+                 "--patch", "128"]) == 2
+    assert "multiple of 128 and at least 256" in capsys.readouterr().err
+    assert main(["train", "--arch", "tcm", "--data", str(tiny_data), "-o", str(tmp_path / "x.pt"), "--patch", "256",
+                 "--arch-config", "heads=3"]) == 2
+    assert "heads" in capsys.readouterr().err
