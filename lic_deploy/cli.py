@@ -170,7 +170,8 @@ def _train(args: argparse.Namespace) -> int:
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
                       resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
-                      context_widths=args.context_widths, arch_options=args.arch_config, device=args.device, amp=args.amp, schedule=args.schedule,
+                      context_widths=args.context_widths, arch_options=args.arch_config,
+                      device=args.device, amp=args.amp, schedule=args.schedule,
                       lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
                       data_mode=args.data_mode, workers=args.workers, small=args.small, max_seconds=args.max_seconds,
                       soap_impl=args.soap_impl)
@@ -376,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
     p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
     p.add_argument("--batch", type=_positive, default=8)
-    p.add_argument("--patch", type=_positive, default=128, help="crop side: a multiple of 64 (TCM: of 128, at least 256) (128)")
+    p.add_argument("--patch", type=_positive, default=128,
+                   help="crop side: a multiple of 64 (TCM: of 128, at least 256) (128)")
     p.add_argument("--downscale", type=int, default=256,
                    help="first resize each image so its shorter side is this many pixels; 0 = off (256)")
     p.add_argument("--lr", type=float, help="learning rate (default: adam 1e-4, soap 3e-3)")

@@ -24,7 +24,7 @@ from compressai.models.utils import conv
 from compressai.ops import quantize_ste
 from torch import Tensor, nn
 
-from lic_deploy.archs.tcm_layers import SWAtten, ConvTransBlock
+from lic_deploy.archs.tcm_layers import ConvTransBlock, SWAtten
 
 OFFICIAL = {"S": 64, "M": 96, "L": 128}
 DEFAULTS = {"M": 320, "slices": 5, "depth": 2, "attn": 128, "cc1": 224, "cc2": 128, "Z": 192}
