@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from lic_deploy.archs.tcm import TCM, TcmAdapter, config_for
+from lic_deploy.archs.tcm import TcmAdapter, config_for
 from lic_deploy.archs.tcm_layers import WindowAttention
+from lic_deploy.archs.tcm_model import TCM
 
 TINY = {"N": 32, "M": 40, "slices": 5, "depth": 1, "attn": 16, "cc1": 16, "cc2": 16, "Z": 16}
 
@@ -164,3 +165,59 @@ def test_train_cli_tcm_soap_and_adam(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["train", "--arch", "tcm", "--data", str(tiny_data), "-o", str(tmp_path / "x.pt"), "--patch", "256",
                  "--arch-config", "heads=3"]) == 2
     assert "heads" in capsys.readouterr().err
+
+
+def test_transforms_export_at_two_sizes_and_int8_quantizes_linear_layers(tmp_path: Path) -> None:
+    """g_a, h_a, g_s and a hyper-synthesis branch of a narrow TCM export to ONNX at 256x256 and run at 384x512
+    within the FP32 tolerance; INT8 puts per-channel Q/DQ on the Swin layers' linear layers (not on Q K^T, P V)."""
+    import onnx
+    import onnxruntime as ort
+
+    from lic_deploy.export.onnx_export import FP32_TOLERANCE, deployable, export_onnx, rel_error, sqnr_db, torch_run
+    from lic_deploy.export.quantize import quantize_int8
+
+    torch.manual_seed(3)
+    model = TCM(**TINY).eval()
+    rng = np.random.default_rng(0)
+    for name, module, c, stride in [("g_a", model.g_a, 3, 1), ("h_a", model.h_a, 40, 16),
+                                    ("g_s", model.g_s, 40, 16), ("h_mean_s", model.h_mean_s, 16, 64)]:
+        net = deployable(module)
+        path = tmp_path / f"{name}.onnx"
+        export_onnx(net, torch.rand(1, c, 256 // stride, 256 // stride), path)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for h, w in [(256, 256), (384, 512)]:
+            x = rng.random((1, c, h // stride, w // stride), dtype=np.float32)
+            assert rel_error(torch_run(net, x), sess.run(None, {"input": x})[0]) <= FP32_TOLERANCE, (name, h, w)
+    net = deployable(model.g_a)
+    int8 = tmp_path / "g_a.int8.onnx"
+    quantize_int8(tmp_path / "g_a.onnx", int8, [rng.random((1, 3, 256, 256), dtype=np.float32) for _ in range(2)])
+    graph = onnx.load(str(int8)).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: i for i in graph.initializer}
+    matmuls = [n for n in graph.node if n.op_type == "MatMul"]
+    products = [n for n in matmuls if "/msa/MatMul" in n.name]  # Q K^T and P V of each attention
+    assert len(products) == 2 * 3 and len(matmuls) == 6 * 3  # g_a of depth 1: three Swin layers
+    for node in matmuls:
+        fed_by_dq = [producers[i].op_type == "DequantizeLinear" for i in node.input if i in producers]
+        if node in products:
+            assert not any(fed_by_dq), node.name
+        else:
+            assert len(fed_by_dq) == 2 and all(fed_by_dq), node.name
+            scale = inits[producers[node.input[1]].input[1]]
+            assert len(scale.dims) == 1 and scale.dims[0] > 1, node.name  # per output channel
+    x = rng.random((1, 3, 384, 512), dtype=np.float32)
+    out = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert sqnr_db(torch_run(net, x), out) > 20
+
+
+def test_export_refuses_tcm_in_one_line_until_its_integer_path_exists(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.archs.checkpoint import save_checkpoint
+    from lic_deploy.cli import main
+
+    ckpt = tmp_path / "tcm.pt"
+    save_checkpoint(ckpt, TCM(**TINY), "tcm", TINY)
+    assert main(["export", str(ckpt), "-o", str(tmp_path / "pkg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "integer entropy path" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "pkg").exists()

@@ -1,7 +1,8 @@
 """FP32 ONNX -> INT8 (explicit Q/DQ) and FP16 graphs.
 
 INT8 is ONNX Runtime's static quantization in QDQ format: symmetric int8 weights per output channel (zero point
-0), symmetric int8 activations per tensor, QuantizeLinear/DequantizeLinear pairs around every convolution — the
+0), symmetric int8 activations per tensor, QuantizeLinear/DequantizeLinear pairs around every convolution and
+linear layer (MatMul with a weight; attention's activation-by-activation products stay float) — the
 form TensorRT's strongly typed builds consume (TensorRT 11 has no implicit INT8). The `int8-u8s8` variant uses
 unsigned asymmetric activations, the fast form on x86 CPUs without VNNI; it is for ONNX Runtime only.
 The 1x1 convolutions inside GDN/IGDN normalisations (nodes under `/norm/`) act on x^2 and stay in float.
@@ -24,6 +25,7 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 # onnxruntime's own default (128 and 128) leaves one candidate, the full range, which is min-max.
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
 INT8_VARIANTS = ("int8", "int8-u8s8")
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul")  # MatMul: linear layers (transformer blocks) only
 
 
 class _Reader:
@@ -38,10 +40,14 @@ class _Reader:
 
 
 def _skip_nodes(fp32_path: Path) -> list[str]:
+    """Nodes kept in float: GDN's x^2 convolutions and the products of two activations (attention's Q K^T and
+    P V; only MatMuls with a weight initializer, linear layers, are quantized)."""
     import onnx
 
     graph = onnx.load(str(fp32_path), load_external_data=False).graph
-    return [n.name for n in graph.node if "/norm/" in n.name]
+    inits = {i.name for i in graph.initializer}
+    return [n.name for n in graph.node
+            if "/norm/" in n.name or (n.op_type == "MatMul" and not any(i in inits for i in n.input))]
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.ndarray], *,
@@ -59,7 +65,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
     # Q/DQ only where a convolution reads its input (TensorRT's recommended placement): conv outputs, and so
     # the stage outputs (latents, image), stay float; biases stay float for the builder to fold.
     extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": not unsigned,
-                             "OpTypesToExcludeOutputQuantization": ["Conv", "ConvTranspose"],
+                             "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
+                             "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                              "QuantizeBias": False}
     if method == "percentile":
         extra["CalibPercentile"] = 99.999
@@ -71,7 +78,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
         str(fp32_path), str(out_path), _Reader(calib_inputs),
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-        weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "ConvTranspose"],
+        weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
         nodes_to_exclude=[*_skip_nodes(fp32_path), *exclude],
         calibrate_method=methods["minmax" if method == "entropy" else method], extra_options=extra,
     )
@@ -86,7 +93,7 @@ def entropy_ranges(fp32_path: Path, calib_inputs: Sequence[np.ndarray]) -> dict[
 
     with tempfile.TemporaryDirectory() as tmp:
         calibrator = create_calibrator(
-            str(fp32_path), ["Conv", "ConvTranspose"], augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            str(fp32_path), list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
             calibrate_method=CalibrationMethod.Entropy,
             extra_options={"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
         calibrator.collect_data(_Reader(calib_inputs))
