@@ -210,14 +210,152 @@ def test_transforms_export_at_two_sizes_and_int8_quantizes_linear_layers(tmp_pat
     assert sqnr_db(torch_run(net, x), out) > 20
 
 
-def test_export_refuses_tcm_in_one_line_until_its_integer_path_exists(tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from lic_deploy.archs.checkpoint import save_checkpoint
-    from lic_deploy.cli import main
+# ---------------------------------------------------------------------- the codec: export, integer entropy path
 
-    ckpt = tmp_path / "tcm.pt"
-    save_checkpoint(ckpt, TCM(**TINY), "tcm", TINY)
-    assert main(["export", str(ckpt), "-o", str(tmp_path / "pkg")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "integer entropy path" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "pkg").exists()
+
+@pytest.fixture(scope="module")
+def package_tcm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lic_deploy.archs.checkpoint import save_checkpoint
+    from lic_deploy.export.package_writer import ExportOptions, export_package
+
+    tmp = tmp_path_factory.mktemp("tcm")
+    torch.manual_seed(5)
+    save_checkpoint(tmp / "tiny.pt", TCM(**TINY), "tcm", TINY)
+    return export_package(tmp / "tiny.pt", tmp / "pkg", log=lambda _: None,
+                          options=ExportOptions(precisions=("fp32", "int8"), calib_count=2))
+
+
+@pytest.fixture(scope="module")
+def tcm_image() -> np.ndarray:
+    """A smooth 200x300 RGB image (padded to 256x384 by the codec)."""
+    yy, xx = np.mgrid[0:200, 0:300] / 300.0
+    rng = np.random.default_rng(6)
+    img = np.stack([np.sin(7 * xx + c) * np.cos(5 * yy - c) for c in range(3)]) * 0.4 + 0.5
+    return np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1).astype(np.float32)
+
+
+def test_cross_backend_bit_exact(package_tcm: Path, tcm_image: np.ndarray) -> None:
+    """Streams from PyTorch FP32, ONNX Runtime FP32 (1 and 2 threads) and ONNX Runtime INT8 decode on each of
+    them to the encoder's latents; one y stream per slice."""
+    from lic_deploy.entropy.bitstream import unpack
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.package import Package
+
+    pkg = Package.open(package_tcm)
+    assert pkg.geometry["pad_multiple"] == 128 and pkg.geometry["min_size"] == 256
+    codecs = {"torch-fp32": Codec(pkg, "torch", threads=1), "ort-fp32-1t": Codec(pkg, threads=1),
+              "ort-fp32-2t": Codec(pkg, threads=2), "ort-int8": Codec(pkg, "ort", "int8")}
+    streams = {name: c.encode_array(tcm_image) for name, c in codecs.items()}
+    assert len({data for data, _ in streams.values()}) > 1  # the float transforms differ...
+    for enc, (data, y_enc) in streams.items():
+        _, parts = unpack(data)
+        assert len(parts) == 2 + TINY["slices"]  # z, the slices, escapes
+        for dec, codec in codecs.items():
+            out = codec.decode(data)
+            assert np.array_equal(out.y_hat, y_enc), (enc, dec)  # ...the latents never do
+            assert out.image.shape == (200, 300, 3)
+
+
+def test_perturbed_transforms_change_nothing_in_decodability(package_tcm: Path, tcm_image: np.ndarray) -> None:
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.engines import create_engine
+    from lic_deploy.runtime.package import Package
+    from tests.conftest import Perturbed
+
+    pkg = Package.open(package_tcm)
+    clean = Codec(pkg)
+    for seed in range(2):
+        noisy = Codec(pkg, engine=Perturbed(create_engine(pkg, "ort", "fp32"), 1e-3, seed))
+        data, y_enc = noisy.encode_array(tcm_image)
+        assert np.array_equal(clean.decode(data).y_hat, y_enc)
+        data, y_enc = clean.encode_array(tcm_image)
+        assert np.array_equal(noisy.decode(data).y_hat, y_enc)
+
+
+def test_hostile_tcm_streams(package_tcm: Path, tcm_image: np.ndarray) -> None:
+    """Truncation, bit flips, forged lengths with a valid CRC and a wrong stream count: BitstreamError (or, for
+    payload bytes that still parse, some image), never another exception."""
+    import struct
+    import zlib
+
+    from lic_deploy.errors import BitstreamError
+    from lic_deploy.runtime.codec import Codec
+
+    codec = Codec(package_tcm)
+    data, _ = codec.encode_array(tcm_image)
+    for cut in range(0, len(data), 7):
+        with pytest.raises(BitstreamError):
+            codec.decode(data[:cut])
+    n = 2 + TINY["slices"]
+    for bit in range(0, (37 + 4 * n) * 8, 3):
+        bad = bytearray(data)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        with pytest.raises(BitstreamError):
+            codec.decode(bytes(bad))
+
+    def recrc(body: bytes) -> bytes:
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    body = data[:-4]
+    lengths = list(struct.unpack_from(f"<{n}I", body, 37))
+    payload = body[37 + 4 * n:]
+    outcomes = set()
+    for i in range(n):  # move bytes between neighbouring streams: lengths still sum up, CRC valid
+        for delta in (-3, 1, 5):
+            forged = list(lengths)
+            j = (i + 1) % n
+            if forged[i] + delta < 0 or forged[j] - delta < 0:
+                continue
+            forged[i] += delta
+            forged[j] -= delta
+            try:
+                codec.decode(recrc(body[:37] + struct.pack(f"<{n}I", *forged) + payload))
+                outcomes.add("decoded")
+            except BitstreamError:
+                outcomes.add("error")
+    assert "error" in outcomes
+    fewer = bytearray(body[:37 + 4 * (n - 1)] + payload)
+    fewer[36] = n - 1
+    struct.pack_into("<I", fewer, 37 + 4 * (n - 2), lengths[-2] + lengths[-1])
+    with pytest.raises(BitstreamError, match="payload streams"):
+        codec.decode(recrc(bytes(fewer)))
+
+
+def test_integer_path_rate_matches_the_float_reference(package_tcm: Path, tcm_image: np.ndarray) -> None:
+    """The same model's float reference codec (PyTorch, CompressAI's rANS) on the same padded image: the
+    integer entropy path's payload is within a few percent of it, and its latents stay close to the float
+    y_hat (the integer networks' rounding moves the means slightly, the symbols rarely)."""
+    from lic_deploy.archs.checkpoint import load_model
+    from lic_deploy.entropy.bitstream import unpack
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.package import Package
+
+    pkg = Package.open(package_tcm)
+    model = load_model(package_tcm / "model.safetensors").model
+    model.update(force=True)
+    x = torch.from_numpy(pkg.pad(tcm_image)[0][None])
+    with torch.no_grad():
+        ref = model.compress(x)
+    ref_bytes = sum(len(s[0]) for s in ref["strings"])
+    data, _ = Codec(pkg, "torch", threads=1).encode_array(tcm_image)
+    lic_bytes = sum(len(p) for p in unpack(data)[1])
+    assert 0.85 * ref_bytes <= lic_bytes <= 1.15 * ref_bytes + 16
+
+
+def test_official_tcm_s_checkpoint_exports_encodes_and_decodes(tmp_path: Path) -> None:
+    """A random-weight TCM-S in the official layout, saved as TCM's training script does (with `module.`
+    prefixes), goes through export (FP32) and encode/decode with the latents intact."""
+    from lic_deploy.export.package_writer import ExportOptions, export_package
+    from lic_deploy.runtime.codec import Codec
+
+    torch.manual_seed(7)
+    model = TCM(**config_for("S"))
+    path = tmp_path / "checkpoint_best_loss.pth.tar"
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    pkg = export_package(path, tmp_path / "pkg", log=lambda _: None, options=ExportOptions(calib_count=1))
+    image = np.random.default_rng(8).random((3, 130, 260), dtype=np.float32)
+    codec = Codec(pkg)
+    data, y_enc = codec.encode_array(image)
+    out = codec.decode(data)
+    assert np.array_equal(out.y_hat, y_enc) and out.image.shape == (130, 260, 3)
+    assert y_enc.shape == (320, 16, 24)  # padded to 256 x 384: multiples of 128, at least 256

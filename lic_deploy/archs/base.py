@@ -29,10 +29,12 @@ class StageSpec:
 class CodecSpec:
     """Everything downstream needs to know about one model.
 
-    Invariants: image height and width are padded to `pad_multiple` pixels; y has `y_channels` channels at
+    Invariants: image height and width are padded to multiples of `pad_multiple` pixels, at least
+    `min_size`; y has `y_channels` channels at
     1/`y_stride` resolution, z has `z_channels` at 1/`z_stride`; `hs_net` is the torch h_s as a flat
     Sequential, whose output holds the Gaussian scales (and then the means when `has_means`), or, with a
-    `context` (ELIC), the side parameters that the context networks aggregate.
+    `context` (ELIC), the side parameters that the context networks aggregate. TCM has no single h_s
+    (`hs_net` None): its `context` is the model itself, whose networks `export.tcm_entropy_build` converts.
     """
 
     arch: str
@@ -44,9 +46,10 @@ class CodecSpec:
     z_channels: int
     z_stride: int
     has_means: bool
-    hs_net: torch.nn.Sequential
+    hs_net: torch.nn.Sequential | None
     tables: dict[str, np.ndarray] = field(default_factory=dict)
     context: Any = None  # ELIC: the channel/spatial context networks (`lic_deploy.archs.elic.ContextSpec`)
+    min_size: int = 0
 
     def example_input(self, stage: str, height: int = 256, width: int = 256) -> torch.Tensor:
         """A random input for `stage` of an image of height x width pixels (both multiples of pad_multiple)."""

@@ -56,10 +56,20 @@ class TcmAdapter:
         return TCM(**{k: int(v) for k, v in config.items()})
 
     def spec(self, model: Any) -> Any:
-        from lic_deploy.errors import CheckpointError
+        """Stages g_a, h_a, g_s (exported in every precision); the entropy networks stay in `context` (the
+        model), converted to integer programs at export."""
+        from lic_deploy.archs.base import CodecSpec, StageSpec
+        from lic_deploy.archs.hyperprior import entropy_tables
 
-        raise CheckpointError("tcm: export is not available yet (its integer entropy path is being built); "
-                              "train and the float reference codec work")
+        model.eval()
+        model.update(force=True)
+        m, z = model.M, model.Z
+        stages = {"g_a": StageSpec("g_a", model.g_a, 3, m, 1), "h_a": StageSpec("h_a", model.h_a, m, z, 16),
+                  "g_s": StageSpec("g_s", model.g_s, m, 3, 16)}
+        return CodecSpec(arch=self.name, config=self.config_from_state_dict(model.state_dict()) or {},
+                         stages=stages, pad_multiple=PAD_MULTIPLE, min_size=MIN_SIZE, y_channels=m, y_stride=16,
+                         z_channels=z, z_stride=64, has_means=True, hs_net=None,
+                         tables=entropy_tables(model.entropy_bottleneck, model.gaussian_conditional), context=model)
 
 
 ADAPTERS = [TcmAdapter()]

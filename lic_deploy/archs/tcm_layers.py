@@ -59,22 +59,27 @@ class WindowAttention(nn.Module):
         return reg[:, :, None] != reg[:, None, :]
 
     def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        win, heads, hd = self.window, self.heads, self.head_dim
+        return self.linear(self.attend(self.embedding_layer(x))[0])
+
+    def attend(self, qkv: Tensor) -> tuple[Tensor, Tensor]:
+        """Attention on projected tokens [B, H, W, 3C] (q, k, v; per token, so projecting before the window
+        partition is the same): (output before the projection [B, H, W, C], the logits [B, heads, nW, T, T]
+        with bias and mask). The integer path calibrates its scales on both."""
+        b, h, w, c3 = qkv.shape
+        win, heads, hd, c = self.window, self.heads, self.head_dim, c3 // 3
         if self.shifted:
-            x = torch.roll(x, shifts=(-(win // 2), -(win // 2)), dims=(1, 2))
-        t = x.reshape(b, h // win, win, w // win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, win * win, c)
-        qkv = self.embedding_layer(t).reshape(b, t.shape[1], win * win, 3, heads, hd).permute(3, 0, 4, 1, 2, 5)
+            qkv = torch.roll(qkv, shifts=(-(win // 2), -(win // 2)), dims=(1, 2))
+        t = qkv.reshape(b, h // win, win, w // win, win, c3).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, win * win, c3)
+        qkv = t.reshape(b, t.shape[1], win * win, 3, heads, hd).permute(3, 0, 4, 1, 2, 5)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, heads, nW, T, hd]
         sim = q @ k.transpose(-1, -2) * self.scale + self.relative_bias()[None, :, None]
         if self.shifted:
-            sim = sim.masked_fill(self.shift_mask(h, w, x.device)[None, None], float("-inf"))
+            sim = sim.masked_fill(self.shift_mask(h, w, t.device)[None, None], float("-inf"))
         out = (sim.softmax(dim=-1) @ v).permute(0, 2, 3, 1, 4).reshape(b, -1, win * win, c)  # heads outermost
-        out = self.linear(out).reshape(b, h // win, w // win, win, win, c).permute(0, 1, 3, 2, 4, 5)
-        out = out.reshape(b, h, w, c)
+        out = out.reshape(b, h // win, w // win, win, win, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
         if self.shifted:
             out = torch.roll(out, shifts=(win // 2, win // 2), dims=(1, 2))
-        return out
+        return out, sim
 
 
 class SwinLayer(nn.Module):

@@ -93,6 +93,18 @@ class TCM(CompressionModel):
         x_hat = self.g_s(torch.cat(y_hat_slices, dim=1))
         return {"x_hat": x_hat, "likelihoods": {"y": torch.cat(likelihoods, dim=1), "z": z_likelihoods}}
 
+    def reference_slices(self, y: Tensor, z_hat: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The float entropy path in coding order for latents y and a quantized z_hat: (y_hat, each slice's
+        y_hat before its LRP, each slice's y_hat after it), y_hat = round(y - mu) + mu as `compress` makes it.
+        Calibration for the integer programs and the float side of their tests."""
+        latent_scales, latent_means = self.h_scale_s(z_hat), self.h_mean_s(z_hat)
+        before, after = [], []
+        for i, y_slice in enumerate(y.chunk(self.slices, 1)):
+            mu, _, mean_support = self.slice_params(i, latent_means, latent_scales, after)
+            before.append(torch.round(y_slice - mu) + mu)
+            after.append(self.lrp(i, mean_support, before[-1]))
+        return torch.cat(after, dim=1), before, after
+
     def compress(self, x: Tensor) -> dict[str, Any]:
         """Float reference: {"strings": [z string, slice 0..S-1 strings] (each a list over the batch),
         "shape": z's H, W}. Needs `update()` first."""

@@ -12,7 +12,7 @@ import numpy as np
 
 from lic_deploy.bench.latency import format_table, median_seconds
 from lic_deploy.runtime.engines import create_engine
-from lic_deploy.runtime.images import data_folder, load_rgb, pad_to_multiple
+from lic_deploy.runtime.images import data_folder, load_rgb
 from lic_deploy.runtime.package import Package
 
 
@@ -32,7 +32,7 @@ def stage_latencies(package: Package, image: np.ndarray, variants: list[tuple[st
                     repeat: int) -> dict[str, dict[str, float]]:
     """Median seconds per (backend:precision) and stage, each stage fed its real input from the FP32 path."""
     ref = create_engine(package, "ort", "fp32", threads=threads)
-    x, _, _ = pad_to_multiple(image[0], package.geometry["pad_multiple"])
+    x, _, _ = package.pad(image[0])
     y = ref.run("g_a", x[None])
     z = ref.run("h_a", y)
     inputs = {"g_a": x[None], "h_a": y, "h_s": np.round(z), "g_s": np.round(y)}

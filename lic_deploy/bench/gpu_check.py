@@ -159,9 +159,7 @@ def images(count: int) -> tuple[list[Path], str]:
 
 def stage_inputs(package: Package, ref: Engine, image: np.ndarray) -> dict[str, np.ndarray]:
     """Real inputs of every stage for one image [3, H, W], by the FP32 reference path."""
-    from lic_deploy.runtime.images import pad_to_multiple
-
-    x, _, _ = pad_to_multiple(image, int(package.geometry["pad_multiple"]))
+    x, _, _ = package.pad(image)
     y = ref.run("g_a", x[None])
     z = ref.run("h_a", y)
     return {"g_a": x[None], "h_a": y, "h_s": np.round(z), "g_s": np.round(y)}

@@ -417,9 +417,7 @@ def synced_stage_ms(engine: Any, package: Any, image: np.ndarray, repeat: int, w
     """Per float stage of one image, median milliseconds between two device synchronisations: with the input
     already on the device where the engine offers `stage_timer` (torch), else host to host through `run`."""
     from lic_deploy.bench.latency import median_seconds
-    from lic_deploy.runtime.images import pad_to_multiple
-
-    x = pad_to_multiple(image, int(package.geometry["pad_multiple"]))[0][None]
+    x = package.pad(image)[0][None]
     y = engine.run("g_a", x)
     inputs = {"g_a": x, "h_a": y, "g_s": np.round(y)}
     sync = getattr(engine, "synchronize", None)

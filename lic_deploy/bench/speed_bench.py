@@ -123,7 +123,7 @@ def run(argv: list[str] | None = None) -> int:
     from lic_deploy.archs.checkpoint import load_model
     from lic_deploy.export.package_writer import ExportOptions, export_package
     from lic_deploy.runtime.codec import Codec
-    from lic_deploy.runtime.images import list_images, load_rgb, pad_to_multiple
+    from lic_deploy.runtime.images import list_images, load_rgb
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -152,7 +152,7 @@ def run(argv: list[str] | None = None) -> int:
         per_image: dict[str, list[dict[str, float]]] = {**{p: [] for p in codecs}, "compressai": []}
         for f in files:
             image, _ = load_rgb(f)
-            x = pad_to_multiple(image, next(iter(codecs.values())).package.geometry["pad_multiple"])[0][None]
+            x = next(iter(codecs.values())).package.pad(image)[0][None]
             runs = {p: partial(lic_once, codec, image) for p, codec in codecs.items()}
             runs["compressai"] = partial(compressai_once, model, x)
             for p, r in interleaved_profile(runs, args.repeat).items():

@@ -121,11 +121,18 @@ def _as_bytes(data: object) -> bytes:
     raise BitstreamError(f"a .lic stream must be bytes, bytearray or memoryview, got {type(data).__name__}")
 
 
+def padding(size: int, multiple: int, min_size: int = 0) -> int:
+    """Rows (or columns) a package adds to `size` pixels: up to the next multiple of `multiple`, and up to the
+    first multiple that is at least `min_size` (TCM: multiples of 128, at least 256)."""
+    return max(-(-size // multiple), -(-min_size // multiple)) * multiple - size
+
+
 def unpack(
     data: bytes | bytearray | memoryview,
     *,
     fingerprint: bytes | None = None,
     pad_multiple: int | None = None,
+    min_size: int = 0,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     n_streams: int | None = None,
 ) -> tuple[Header, list[bytes]]:
@@ -133,7 +140,7 @@ def unpack(
 
     Checks structure first (length, magic, version, stream count, declared lengths, CRC), then field values
     (reserved, mode, height*width <= max_pixels), then the binding to a package (`fingerprint`,
-    `n_streams`, padding consistent with `pad_multiple`; each only when given). Any failure raises
+    `n_streams`, padding equal to `padding(size, pad_multiple, min_size)`; each only when given). Any failure raises
     BitstreamError with a one-line message. Arguments that are themselves invalid raise ValueError.
     """
     if fingerprint is not None and (
@@ -193,10 +200,11 @@ def unpack(
         raise BitstreamError(f"stream has {n} payload streams, this package expects {n_streams}")
     if pad_multiple is not None:
         for name, size, pad in (("height", height, pad_bottom), ("width", width, pad_right)):
-            if pad >= pad_multiple or (size + pad) % pad_multiple != 0:
+            if pad != padding(size, pad_multiple, min_size):
                 raise BitstreamError(
                     f"corrupt .lic header: padding {pad} for {name} {size} is not the smallest that reaches "
-                    f"a multiple of {pad_multiple} (this package's padding multiple)"
+                    f"a multiple of {pad_multiple}" + (f" of at least {min_size}" if min_size else "")
+                    + " (this package's geometry)"
                 )
 
     payloads = []

@@ -75,10 +75,6 @@ class ElicEntropyModel(EntropyModel):
     def hs_out(self) -> int:
         return self.side_channels
 
-    def ctx(self, y_fp: np.ndarray) -> np.ndarray:
-        """What a context network reads: y_hat with ctx_frac_bits fractional bits, clipped to +-IN_MAX."""
-        return np.clip(y_fp >> (self.param_frac_bits - self.ctx_frac_bits), -IN_MAX, IN_MAX)
-
     def _code(self, side: np.ndarray, step: Step) -> np.ndarray:
         """Run the groups and passes in order; `step` codes one pass. Returns y_hat in fixed point, int64."""
         h, w = side.shape[1:]

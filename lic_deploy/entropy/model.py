@@ -53,6 +53,10 @@ def open_entropy_model(arrays: Mapping[str, np.ndarray]) -> EntropyModel:
         from lic_deploy.entropy.elic import ElicEntropyModel
 
         return ElicEntropyModel(arrays)
+    if kind == "tcm":
+        from lic_deploy.entropy.tcm import TcmEntropyModel
+
+        return TcmEntropyModel(arrays)
     if kind != "hyperprior":
         raise PackageError(f"entropy model kind {kind!r} is not known to this lic-deploy")
     return EntropyModel(arrays)
@@ -85,11 +89,16 @@ class EntropyModel:
             self.thresholds = np.asarray(arrays["y_thresholds"], dtype=np.int64)
         except (KeyError, ValueError, TypeError) as exc:
             raise PackageError(f"entropy model is incomplete or malformed ({exc})") from None
-        self.hs = IntNet.from_arrays(arrays, "hs.")
         if (self.median_fp.shape != (self.z_channels,) or len(self.z_coder.models) != self.z_channels
-                or len(self.y_coder.models) != self.thresholds.size + 1 or self.hs.out_channels != self.hs_out
-                or self.hs.in_channels != self.z_channels or np.any(np.diff(self.thresholds) < 0)):
+                or len(self.y_coder.models) != self.thresholds.size + 1 or np.any(np.diff(self.thresholds) < 0)):
             raise PackageError("entropy model arrays are inconsistent with each other")
+        self._load_networks(arrays)
+
+    def _load_networks(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """The integer networks between z symbols and y tables (here: h_s)."""
+        self.hs = IntNet.from_arrays(arrays, "hs.")
+        if self.hs.out_channels != self.hs_out or self.hs.in_channels != self.z_channels:
+            raise PackageError("entropy model: h_s does not match the latents' channels")
 
     n_y_streams = 1
 
@@ -102,6 +111,11 @@ class EntropyModel:
     def hs_out(self) -> int:
         """Output channels of the integer h_s."""
         return self.y_channels * (2 if self.has_means else 1)
+
+    def ctx(self, y_fp: np.ndarray) -> np.ndarray:
+        """What a context network reads of y_hat (fixed point, param_frac_bits): ctx_frac_bits fractional bits,
+        clipped to +-IN_MAX (ELIC, TCM)."""
+        return np.clip(y_fp >> (self.param_frac_bits - self.ctx_frac_bits), -IN_MAX, IN_MAX)
 
     def z_symbols(self, z: np.ndarray) -> np.ndarray:
         """Float z [N, h, w] -> int64 symbols round(z - z_median), on the fixed-point median."""

@@ -38,12 +38,21 @@ def build_entropy(spec: Any, calib_inputs: Sequence[Mapping[str, np.ndarray]], *
     median_fp = np.round(t["z_median"] * 2**Z_FRAC_BITS).astype(np.int64)
     # Calibrate on exactly what the integer network will see (z_hat on the fixed-point median grid).
     med = median_fp[:, None, None] / 2**Z_FRAC_BITS
-    z_calib = [torch.from_numpy((hs_input(np.floor(c["h_s"][0] - med + 0.5).astype(np.int64), median_fp,
+    z_key = "tcm_z_hat" if spec.arch == "tcm" else "h_s"
+    z_calib = [torch.from_numpy((hs_input(np.floor(c[z_key][0] - med + 0.5).astype(np.int64), median_fp,
                                           Z_FRAC_BITS)[None] / 2**Z_FRAC_BITS).astype(np.float32))
                for c in calib_inputs]
     meta = {"z_frac_bits": Z_FRAC_BITS, "param_frac_bits": PARAM_FRAC_BITS, "act_bits": act_bits,
             "has_means": bool(spec.has_means), "y_channels": spec.y_channels, "z_channels": spec.z_channels}
-    if spec.context is None:
+    programs: dict[str, Any] = {}
+    if spec.arch == "tcm":
+        from lic_deploy.export.tcm_entropy_build import build_tcm_programs
+
+        programs, outputs = build_tcm_programs(spec.context, calib_inputs, z_calib, Z_FRAC_BITS, PARAM_FRAC_BITS,
+                                               CTX_FRAC_BITS)
+        nets = {}
+        meta |= {"kind": "tcm", "slices": spec.context.slices, "ctx_frac_bits": CTX_FRAC_BITS, "outputs": outputs}
+    elif spec.context is None:
         out_ch = spec.y_channels * (2 if spec.has_means else 1)
         nets = {"hs": build_intnet(spec.hs_net, z_calib, in_frac_bits=Z_FRAC_BITS, in_max=IN_MAX, act_bits=act_bits,
                                    out_frac_bits=np.full(out_ch, PARAM_FRAC_BITS, dtype=np.int64))}
@@ -59,7 +68,7 @@ def build_entropy(spec: Any, calib_inputs: Sequence[Mapping[str, np.ndarray]], *
         "y_cdf": t["y_cdf"], "y_cdf_length": t["y_cdf_length"], "y_offset": t["y_offset"],
         "y_scale_table": t["y_scale_table"], "y_thresholds": thresholds,
     }
-    for name, net in nets.items():
+    for name, net in (nets | programs).items():
         arrays |= net.to_arrays(f"{name}.")
     return arrays, meta
 

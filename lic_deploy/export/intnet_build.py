@@ -182,18 +182,18 @@ def _quantize_bias(conv: _Conv, s_acc: np.ndarray) -> np.ndarray:
     return q.astype(np.int64)
 
 
-def _multipliers(ratio: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per channel: shift and mult = round(ratio * 2**shift) in [2**22, 2**23); ratio 0 -> mult 0."""
+def _multipliers(ratio: np.ndarray, bits: int = MULT_BITS) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel: shift and mult = round(ratio * 2**shift) in [2**(bits-1), 2**bits); ratio 0 -> mult 0."""
     mult = np.zeros(len(ratio), dtype=np.int64)
-    shift = np.full(len(ratio), MULT_BITS, dtype=np.int64)
+    shift = np.full(len(ratio), bits, dtype=np.int64)
     for o, r in enumerate(ratio.tolist()):
         if not math.isfinite(r) or r < 0:
             raise ValueError(f"channel {o}: invalid scale ratio {r}")
         if r == 0:
             continue
         frac, exp = math.frexp(r)  # r = frac * 2**exp, frac in [0.5, 1)
-        m, s = round(frac * 2**MULT_BITS), MULT_BITS - exp
-        if m == 2**MULT_BITS:  # rounding reached the top of the range
+        m, s = round(frac * 2**bits), bits - exp
+        if m == 2**bits:  # rounding reached the top of the range
             m, s = m // 2, s - 1
         if not 1 <= s <= MAX_SHIFT:
             raise ValueError(f"channel {o}: scale ratio {r:.3g} needs shift {s}, outside [1, {MAX_SHIFT}]")

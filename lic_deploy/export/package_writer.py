@@ -67,6 +67,12 @@ def stage_inputs(spec: Any, image: np.ndarray) -> dict[str, np.ndarray]:
     z = torch_run(model_pieces["h_a"], y)
     med = spec.tables["z_median"].astype(np.float32).reshape(1, -1, 1, 1)
     z_hat = (np.round(z - med) + med).astype(np.float32)
+    if spec.arch == "tcm":  # no single h_s; the entropy programs calibrate on z_hat and the y_hat slices
+        with torch.no_grad():
+            y_hat, before, after = spec.context.reference_slices(torch.from_numpy(y), torch.from_numpy(z_hat))
+        return {"g_a": image, "h_a": y, "g_s": y_hat.numpy(), "tcm_z_hat": z_hat,
+                **{f"tcm_before{i}": v.numpy() for i, v in enumerate(before)},
+                **{f"tcm_after{i}": v.numpy() for i, v in enumerate(after)}}
     params = torch_run(model_pieces["h_s"], z_hat)
     inputs = {"g_a": image, "h_a": y, "h_s": z_hat}
     if spec.context is not None:
@@ -163,7 +169,7 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             "arch": loaded.arch, "config": loaded.config,
             "source": {"checkpoint": Path(checkpoint).name, "sha256": loaded.sha256,
                        "metadata": _jsonable(loaded.metadata)},
-            "geometry": {"pad_multiple": spec.pad_multiple, "y_channels": spec.y_channels,
+            "geometry": {"pad_multiple": spec.pad_multiple, "min_size": spec.min_size, "y_channels": spec.y_channels,
                          "y_stride": spec.y_stride, "z_channels": spec.z_channels, "z_stride": spec.z_stride,
                          "has_means": spec.has_means},
             "stages": stages,

@@ -22,7 +22,7 @@ from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS, MODE_GRAY, MODE_RGB
 from lic_deploy.entropy.model import EntropyModel, open_entropy_model
 from lic_deploy.errors import BitstreamError, DataError
 from lic_deploy.runtime.engines import Engine, create_engine
-from lic_deploy.runtime.images import load_rgb, pad_to_multiple, to_uint8
+from lic_deploy.runtime.images import load_rgb, to_uint8
 from lic_deploy.runtime.package import Package
 
 
@@ -75,7 +75,7 @@ class Codec:
             raise DataError(f"image of {w}x{h} pixels exceeds the cap of {self.max_pixels} pixels")
         self.timings = {}
         t = time.perf_counter()
-        x, pb, pr = pad_to_multiple(image.astype(np.float32), int(self.package.geometry["pad_multiple"]))
+        x, pb, pr = self.package.pad(image.astype(np.float32))
         y = self.engine.run("g_a", x[None])
         t = self._tick("g_a", t)
         z = self.engine.run("h_a", y)
@@ -98,6 +98,7 @@ class Codec:
         t = time.perf_counter()
         header, streams = unpack(
             data, fingerprint=self.package.fingerprint, pad_multiple=int(geometry["pad_multiple"]),
+            min_size=int(geometry.get("min_size", 0)),
             max_pixels=self.max_pixels, n_streams=self.entropy.n_streams)
         t = self._tick("container", t)
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right

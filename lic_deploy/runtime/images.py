@@ -113,12 +113,10 @@ def pad_to_multiple(chw: np.ndarray, multiple: int, min_size: int = 0) -> tuple[
     """Pad bottom/right by edge replication so H and W are multiples of `multiple` and at least `min_size`
     (pixels). Returns the padded array and the rows and columns added.
     """
+    from lic_deploy.entropy.bitstream import padding
+
     _, h, w = chw.shape
-
-    def added(n: int) -> int:  # up to the next multiple, and to the first multiple >= min_size
-        return max(-(-n // multiple), -(-min_size // multiple)) * multiple - n
-
-    pb, pr = added(h), added(w)
+    pb, pr = padding(h, multiple, min_size), padding(w, multiple, min_size)
     if pb or pr:
         chw = np.pad(chw, ((0, 0), (0, pb), (0, pr)), mode="edge")
     return np.ascontiguousarray(chw), pb, pr

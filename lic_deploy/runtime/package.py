@@ -80,6 +80,14 @@ class Package:
     def geometry(self) -> dict[str, Any]:
         return self.manifest["geometry"]
 
+    def pad(self, chw: np.ndarray) -> tuple[np.ndarray, int, int]:
+        """An image [C, H, W] padded as this package's codec pads it (`geometry`: pad_multiple, min_size);
+        returns it and the rows and columns added."""
+        from lic_deploy.runtime.images import pad_to_multiple
+
+        g = self.geometry
+        return pad_to_multiple(chw, int(g["pad_multiple"]), int(g.get("min_size", 0)))
+
     @property
     def fingerprint(self) -> bytes:
         return bytes.fromhex(self.manifest["fingerprint"])
