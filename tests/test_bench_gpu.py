@@ -67,8 +67,11 @@ def test_synchronised_latency_through_a_stub() -> None:
     median_seconds(lambda: calls.append("run"), repeat=3, warmup=2, sync=lambda: calls.append("sync"))
     assert calls == ["run", "run", *["sync", "run", "sync"] * 3]
 
+    from lic_deploy.runtime.package import Package
+
     class Stub:
         geometry: ClassVar[dict[str, int]] = {"pad_multiple": 64}
+        pad = Package.pad
 
         def __init__(self) -> None:
             self.calls: list[tuple[str, ...]] = []

@@ -153,7 +153,7 @@ def test_entropy_model_refuses_inconsistent_arrays(package_elic: Path) -> None:
     assert model.n_streams == 12
     with pytest.raises(TypeError, match="earlier y symbols"):
         model.params(np.zeros((1, 2, 2), dtype=np.int64))
-    cases = [(with_meta(kind="tcm"), "not known"), (with_meta(groups=[16, 16, 32, 64, 16]), "inconsistent"),
+    cases = [(with_meta(kind="dcae"), "not known"), (with_meta(groups=[16, 16, 32, 64, 16]), "inconsistent"),
              (with_meta(groups=[1] * 8), "do not fit"), (with_meta(groups=None), "incomplete")]
     for bad, needle in cases:
         with pytest.raises(PackageError, match=needle):
