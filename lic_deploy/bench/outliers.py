@@ -12,7 +12,8 @@ max |a| and the per-channel maxima are exact; mu, sigma, kurtosis and frac_6sigm
 subsample of at most `sample` elements per tensor and image (seeded), which bounds memory.
 
 `collect` measures them for the input of every convolution of g_a, h_a, h_s and g_s (as the INT8 graphs see
-them: deployable modules, GDN normalisations excluded) and for the latents y (g_a output) and z (h_a output),
+them: deployable modules, GDN normalisations excluded; TCM: g_a, h_a, g_s, convolutions only, not yet the Swin
+layers' linear layers) and for the latents y (g_a output) and z (h_a output),
 together with each convolution's INT8 SQNR (`lic_deploy.export.sensitivity`).
 """
 
@@ -105,12 +106,12 @@ def collect(spec: Any, images: Sequence[np.ndarray], calib: Sequence[np.ndarray]
     from lic_deploy.export.sensitivity import ForwardHooks, SqnrMeter, conv_layers, input_max, run_stages
     from lic_deploy.runtime.images import pad_to_multiple
 
-    stages = {s: deployable(spec.stages[s].module) for s in STAGES}
+    stages = {s: deployable(spec.stages[s].module) for s in STAGES if s in spec.stages}  # TCM: no single h_s
     layers = conv_layers(stages)
 
     def input_sets(imgs: Sequence[np.ndarray]):
         for img in imgs:
-            yield stage_inputs(spec, pad_to_multiple(img, spec.pad_multiple)[0][None])
+            yield stage_inputs(spec, pad_to_multiple(img, spec.pad_multiple, spec.min_size)[0][None])
 
     amax = input_max(stages, input_sets(calib if calib is not None else images))
     meter = SqnrMeter(amax)
