@@ -324,6 +324,25 @@ class IntNet:
             raise PackageError(f"integer network {prefix!r}: {e}") from e
 
 
+class IntNetEvaluator:
+    """Base of the other evaluators of one `IntNet` (ONNX Runtime, torch): they keep the net (`net`) and its
+    shape, and must give its integers exactly."""
+
+    net: IntNet
+
+    @property
+    def in_channels(self) -> int:
+        return self.net.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.net.out_channels
+
+    @property
+    def layers(self) -> list[IntLayer]:
+        return self.net.layers
+
+
 def _read_meta(arrays: Mapping[str, np.ndarray], prefix: str) -> dict:
     raw = _read_array(arrays, f"{prefix}meta", np.uint8)
     try:

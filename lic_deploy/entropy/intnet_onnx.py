@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.entropy.intnet import IntLayer, IntNet
+from lic_deploy.entropy.intnet import IntLayer, IntNet, IntNetEvaluator
 
 F32_EXACT = 2**24  # |integers| below this, and sums of them that stay below it, are exact in float32
 
@@ -112,7 +112,7 @@ def intnet_to_onnx(net: IntNet, opset: int = 17) -> Any:
     return model
 
 
-class OrtIntNet:
+class OrtIntNet(IntNetEvaluator):
     """An `IntNet` run by ONNX Runtime (CPU) as `intnet_to_onnx`'s graph; call it like the IntNet, same result."""
 
     def __init__(self, net: IntNet, threads: int | None = None) -> None:
@@ -126,18 +126,6 @@ class OrtIntNet:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model = intnet_to_onnx(net).SerializeToString()
         self._session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-    @property
-    def in_channels(self) -> int:
-        return self.net.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.net.out_channels
-
-    @property
-    def layers(self) -> list[IntLayer]:
-        return self.net.layers
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.net.check_input(x)

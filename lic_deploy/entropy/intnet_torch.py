@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.entropy.intnet import IntLayer, IntNet
+from lic_deploy.entropy.intnet import IntLayer, IntNet, IntNetEvaluator
 
 
-class TorchIntNet:
+class TorchIntNet(IntNetEvaluator):
     """An `IntNet` evaluated with torch on `device`; call it like the IntNet (same checks, same result)."""
 
     def __init__(self, net: IntNet, device: str) -> None:
@@ -31,18 +31,6 @@ class TorchIntNet:
             ints = {k: torch.from_numpy(np.array(getattr(layer, k))).to(device)[:, None, None]
                     for k in ("bias", "mult", "mult_neg", "shift")}
             self._compiled.append((layer, w, ints))
-
-    @property
-    def in_channels(self) -> int:
-        return self.net.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.net.out_channels
-
-    @property
-    def layers(self) -> list[IntLayer]:
-        return self.net.layers
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         import torch
