@@ -8,7 +8,7 @@ OUT    ?= out
 RUNS   ?= $(or $(LIC_DEPLOY_RUNS),../lic-runs)
 GPU_MODELS ?= ../shared/models-gpu
 
-.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-speed bench-convergence bench-export bench-codec bench-elic bench-runtime clean
+.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-speed bench-convergence bench-export bench-codec bench-elic models-tcm bench-tcm bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,28 @@ bench-codec: $(STAMP)
 # then its integer entropy path and codec timing against CompressAI's compress/decompress on Kodak.
 ELIC_TRAIN = --arch elic --N 32 --M 160 --context-widths 32,32 --lmbda 0.013 --data $(DATA)/train \
 	--val $(DATA)/kodak --val-count 2 --steps 300 --batch 4 --patch 128 --threads 1 --val-every 100 --ckpt-every 100
+# TCM: a narrow pair (SOAP, Adam) per lambda trained here (resumable: run again to continue), then the integer
+# entropy path against the float reference, per-step speed, and INT8 PTQ loss SOAP against Adam.
+TCM_LAMBDAS ?= 0.013
+TCM_STEPS ?= 600
+TCM_TRAIN = --arch tcm --data $(DATA)/train --val $(DATA)/kodak --val-count 2 --N 32 --M 160 \
+	--arch-config slices=5,depth=1,attn=32,cc1=64,cc2=32,Z=64 --patch 256 --batch 4 --steps $(TCM_STEPS) \
+	--ckpt-every 50 --val-every 200 --log-every 25 --align-every 50
+TCM_CKPTS = $(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-soap-$(l).pt $(RUNS)/tcm/tcm-small-adam-$(l).pt)
+models-tcm: $(STAMP)
+	mkdir -p $(RUNS)/tcm
+	for l in $(TCM_LAMBDAS); do for opt in soap adam; do ck=$(RUNS)/tcm/tcm-small-$$opt-$$l.pt; \
+		$(VENV)/bin/lic-deploy train $(TCM_TRAIN) --lmbda $$l --optimizer $$opt -o $$ck \
+		$$( [ -f $$ck ] && echo --resume $$ck ) || exit 1; done; done
+bench-tcm: $(STAMP)
+	$(PY) -m lic_deploy.bench.codec_bench $(TCM_CKPTS) --data $(DATA)/kodak --out $(OUT)/bench-tcm-codec
+	$(PY) -m lic_deploy.bench.speed_bench $(TCM_CKPTS) --data $(DATA)/kodak --images 4 --paths ort:fp32,ort:int8 \
+		--out $(OUT)/bench-tcm-speed
+	$(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --calib calib/train-64.json \
+		--precisions fp32,fp16,int8 --calib-methods minmax,percentile --backends ort --repeat 1 --outlier-images 2 \
+		-o $(OUT)/bench-tcm
+	$(VENV)/bin/lic-deploy report $(OUT)/bench-tcm/results.json
+
 bench-elic: $(STAMP)
 	mkdir -p $(RUNS)/elic
 	for opt in soap adam; do ck=$(RUNS)/elic/elic-$$opt-0.013.pt; \
