@@ -128,6 +128,28 @@ def test_failed_export_leaves_nothing(ckpt_mbt: Path, tmp_path: Path, monkeypatc
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_graph_with_a_baked_in_shape_is_refused(ckpt_mbt: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every FP32 graph is run at a second size: an export without dynamic height and width fails there with a
+    PackageError naming the stage, and leaves nothing behind."""
+    import warnings
+
+    import torch
+
+    import lic_deploy.export.package_writer as writer
+
+    def static_export(module: object, example: torch.Tensor, path: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=17,
+                              input_names=["input"], output_names=["output"])
+
+    monkeypatch.setattr(writer, "export_onnx", static_export)
+    with pytest.raises(PackageError, match="stage g_a: the ONNX graph does not run at input size"):
+        export_package(ckpt_mbt, tmp_path / "pkg", options=ExportOptions(calib_count=1), log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_bad_calibration_folder(ckpt_mbt: Path, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
