@@ -1,11 +1,12 @@
 """`make bench-speed`: where the codec's time goes, step by step, against CompressAI's own float codec.
 
 For each checkpoint (exported here with FP32 and INT8 graphs) and each image, in one run on this machine:
-lic-deploy with ONNX Runtime FP32 and INT8, encode and decode split into g_a, h_a, integer h_s, the rest of the
-entropy side (tables, range coding; ELIC's integer context networks), container (packing / parsing the .lic file)
-and g_s; and CompressAI's `compress` / `decompress` of the same model (PyTorch FP32, its float entropy path),
-with its g_a and g_s timed alone on the same input. Medians over `--repeat` runs per image after one warm-up,
-the runs of all paths interleaved (one of each per round), so that the machine's drift falls on all alike.
+lic-deploy with ONNX Runtime FP32 and INT8, encode and decode split into g_a, h_a, integer h_s (TCM: every
+integer program, slices and LRP included), the rest of the entropy side (tables, range coding; ELIC's integer
+context networks), container (packing / parsing the .lic file) and g_s; and CompressAI's `compress` /
+`decompress` of the same model (PyTorch FP32, its float entropy path), with its g_a and g_s timed alone on the
+same input. Medians over `--repeat` runs per image after one warm-up, the runs of all paths interleaved (one of
+each per round), so that the machine's drift falls on all alike.
 
     python -m lic_deploy.bench.speed_bench CKPT... --data ../shared/data/kodak [--images 4]
 """
@@ -180,7 +181,8 @@ def run(argv: list[str] | None = None) -> int:
         "CompressAI: compress/decompress whole, its g_a and g_s timed alone on the same input.",
         format_table(headers, rows), "",
         "Per model and path, medians over the images:",
-        format_table(["model", "path", "enc+dec vs CompressAI", "integer h_s, % of decode", "decode fps"], totals)])
+        format_table(["model", "path", "enc+dec vs CompressAI", "integer h_s (TCM: every program), % of decode",
+                      "decode fps"], totals)])
     print(text)
     (out / "report.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

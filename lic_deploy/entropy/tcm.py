@@ -69,7 +69,8 @@ class TcmEntropyModel(EntropyModel):
         raise TypeError("TCM's y parameters depend on earlier y slices; use encode_y/decode_y")
 
     def _hyper_synthesis(self, z_sym: np.ndarray) -> np.ndarray:
-        """[latent means; latent scales] as int16 codes, 2M channels at the y grid."""
+        """[latent means; latent scales] as int16 codes, 2M channels at the y grid. `hs_seconds` (the speed
+        benchmark's "integer networks" step) starts here and gathers every program's time of the call."""
         t0 = time.perf_counter()
         x = hs_input(z_sym, self.median_fp, self.z_frac_bits)
         lm, ls = self.hs.run({self.hs.inputs[0]: x}, self.outputs["hs"])
@@ -82,14 +83,18 @@ class TcmEntropyModel(EntropyModel):
         lm, ls = side[:m], side[m:]
         done: list[np.ndarray] = []
         for i in range(self.slices):
+            t0 = time.perf_counter()
             prog = self.slice_nets[i]
             feeds = [lm, ls, *(self.ctx(v) for v in done)]
             mu, scale, support = prog.run(dict(zip(prog.inputs, feeds, strict=True)), self.outputs[f"slice{i}"])
+            t1 = time.perf_counter()
             y_sym = step(i, self.table_index(scale), mu)
             y_fp = y_sym * (1 << self.param_frac_bits) + mu
+            t2 = time.perf_counter()
             lrp = self.lrp_nets[i]
             (delta,) = lrp.run(dict(zip(lrp.inputs, [support, self.ctx(y_fp)], strict=True)), self.outputs[f"lrp{i}"])
             done.append(y_fp + delta)
+            self.hs_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return np.concatenate(done)
 
     def _as_float(self, y_fp: np.ndarray) -> np.ndarray:
