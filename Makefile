@@ -111,11 +111,13 @@ models-tcm: $(STAMP)
 		$(VENV)/bin/lic-deploy train $(TCM_TRAIN) --lmbda $$l --optimizer $$opt -o $$ck \
 		$$( [ -f $$ck ] && echo --resume $$ck ) || exit 1; done; done
 bench-tcm: $(STAMP)
-	$(PY) -m lic_deploy.bench.codec_bench $(TCM_CKPTS) --data $(DATA)/kodak --out $(OUT)/bench-tcm-codec
+	for opt in soap adam; do $(PY) -m lic_deploy.bench.codec_bench \
+		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-$(l).pt) --data $(DATA)/kodak \
+		--out $(OUT)/bench-tcm-codec-$$opt || exit 1; done
 	$(PY) -m lic_deploy.bench.speed_bench $(TCM_CKPTS) --data $(DATA)/kodak --images 4 --paths ort:fp32,ort:int8 \
 		--out $(OUT)/bench-tcm-speed
 	$(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --calib calib/train-64.json \
-		--precisions fp32,fp16,int8 --calib-methods minmax,percentile --backends ort --repeat 1 --outlier-images 2 \
+		--precisions fp32,int8 --calib-methods minmax,percentile --backends ort --repeat 1 --outlier-images 2 \
 		-o $(OUT)/bench-tcm
 	$(VENV)/bin/lic-deploy report $(OUT)/bench-tcm/results.json
 
