@@ -37,6 +37,7 @@ from lic_deploy.export.intnet_build import (
 )
 
 QMAX = 2**15 - 1  # int16 activations
+HEADROOM = 4  # calibrated activation scales cover 4x the calibration maximum (values beyond it are clipped)
 LN_FRAC = 12  # LayerNorm outputs carry 12 fractional bits
 LUT_ENTRIES = 4096  # table functions are sampled at most this many times over their input's range
 NORM_HEADROOM = 2**24  # IGDN's beta + gamma x^2 at its calibrated maximum; clipped at 2**31 - 1
@@ -65,6 +66,13 @@ def _ratio_mult(ratio: float) -> tuple[int, int]:
 def _amax(vals: list[torch.Tensor]) -> float:
     a = max(float(v.abs().max()) for v in vals)
     return a if a > 0 else 1.0
+
+
+def _act_scale(vals: list[torch.Tensor]) -> float:
+    """The int16 scale of an activation: HEADROOM x its calibration maximum maps to 2**15 - 1. Without headroom,
+    on the Adam-trained narrow TCM of `make models-tcm`, up to 1.5 % of a register's values clipped on Kodak
+    (calibrated on other photos), and the integer path cost 13 % rate against the float reference."""
+    return HEADROOM * _amax(vals) / QMAX
 
 
 class Tracer:
@@ -109,7 +117,7 @@ class Tracer:
         weight, s_w = _quantize_weight(conv, r.scale)  # the input scales folded into the weights
         bias = _quantize_bias(conv, s_w)
         if out_scale is None:
-            s_out, lo, hi = np.full(conv.out_channels, _amax(vals) / QMAX), -QMAX, QMAX
+            s_out, lo, hi = np.full(conv.out_channels, _act_scale(vals)), -QMAX, QMAX
         else:
             s_out, lo, hi = np.asarray(out_scale, np.float64), INT32_MIN, INT32_MAX
         mult, shift = _multipliers(s_w / s_out)
@@ -165,7 +173,7 @@ class Tracer:
         ra, rb = self.regs[a], self.regs[b]
         with torch.no_grad():
             vals = [(u + v).clamp(min=0) if relu else u + v for u, v in zip(ra.vals, rb.vals, strict=True)]
-        s_out = _amax(vals) / QMAX
+        s_out = _act_scale(vals)
         ratios = (float(ra.scale[0]) / s_out, float(rb.scale[0]) / s_out)
         shift = MULT_BITS - math.frexp(max(ratios))[1]
         ma, mb = (round(q * 2.0**shift) for q in ratios)
@@ -182,7 +190,7 @@ class Tracer:
         ra, rb = self.regs[a], self.regs[b]
         with torch.no_grad():
             vals = [u * v for u, v in zip(ra.vals, rb.vals, strict=True)]
-        s_out = _amax(vals) / QMAX
+        s_out = _act_scale(vals)
         m, shift = _ratio_mult(float(ra.scale[0] * rb.scale[0]) / s_out)
         self._check(ra.bound * rb.bound * m, "mul")
         out = self._new(Reg(np.full(len(ra.scale), s_out), QMAX, vals))
@@ -196,7 +204,7 @@ class Tracer:
         with torch.no_grad():
             vals = [torch_fn(v) for v in r.vals]
         s_in = float(r.scale[0])
-        s_out = out_scale or _amax(vals) / QMAX
+        s_out = out_scale or _act_scale(vals)
         in_shift = max(0, (2 * r.bound).bit_length() - LUT_ENTRIES.bit_length() + 1)
         lut = build_lut(fn, s_in, s_out, -r.bound, r.bound, in_shift)
         out = self._new(Reg(np.full(len(r.scale), s_out), lut.bound, vals))
@@ -252,8 +260,8 @@ class Tracer:
                 o, sim = att64.attend(v.permute(0, 2, 3, 1))
                 outs.append(o.permute(0, 3, 1, 2))
                 amax_logit = max(amax_logit, float(sim[torch.isfinite(sim)].abs().max()))
-        s_logit = amax_logit / QMAX
-        s_out = _amax(outs) / QMAX
+        s_logit = HEADROOM * amax_logit / QMAX
+        s_out = _act_scale(outs)
         logit_mult, logit_shift = _ratio_mult(s * s * att.scale / s_logit)
         pv_mult, pv_shift = _ratio_mult(2.0**-15 * s / s_out)
         hd, t = att.head_dim, att.window**2
@@ -293,7 +301,7 @@ class Tracer:
         mult, shift = _multipliers(s_w / s_nu, bits=min(MULT_BITS, 61 - acc_max.bit_length()))
         layer = IntLayer("conv", weight, bias, 1, 0, 0, mult, mult.copy(), shift, 1, INT32_MAX, sq_max)
         k, pre_shift = 15, 16
-        s_out = _amax(vals) / QMAX
+        s_out = _act_scale(vals)
         m, sh = _ratio_mult(2.0 * s_x * math.sqrt(s_nu) / s_out)
         self._check((r.bound * 2**31 >> pre_shift) * m, "igdn")
         out = self._new(Reg(np.full(c, s_out), QMAX, vals))
