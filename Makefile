@@ -117,7 +117,7 @@ bench-tcm: $(STAMP)
 	$(PY) -m lic_deploy.bench.speed_bench $(TCM_CKPTS) --data $(DATA)/kodak --images 4 --paths ort:fp32,ort:int8 \
 		--out $(OUT)/bench-tcm-speed
 	$(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --calib calib/train-64.json \
-		--precisions fp32,int8 --calib-methods minmax,percentile --backends ort --repeat 1 --outlier-images 2 \
+		--precisions fp32,int8 --calib-methods minmax --backends ort --repeat 1 --outlier-images 2 \
 		-o $(OUT)/bench-tcm
 	$(VENV)/bin/lic-deploy report $(OUT)/bench-tcm/results.json
 
