@@ -133,7 +133,7 @@ def built_hs(act_bits: int = 16, seed: int = 0) -> tuple[nn.Sequential, IntNet]:
 # ---------------------------------------------------------------- (1) single layers are bit-exact
 
 
-@pytest.mark.parametrize(("k", "s", "p"), [(3, 1, 1), (3, 2, 1), (5, 2, 2), (5, 1, 0), (4, 2, 1)])
+@pytest.mark.parametrize(("k", "s", "p"), [(3, 1, 1), (3, 2, 1), (5, 2, 2), (5, 1, 0), (4, 2, 1), (1, 1, 0), (1, 2, 0)])
 def test_conv_layer_matches_int64_reference(k, s, p):
     rng = np.random.default_rng(k * 100 + s * 10 + p)
     layer = random_layer(rng, "conv", 5, 7, k, s, p)
