@@ -29,7 +29,7 @@ import numpy as np
 
 from lic_deploy.entropy import intops
 from lic_deploy.entropy.intnet import IntLayer, IntNet
-from lic_deploy.entropy.intops import IntLayerNorm, IntSoftmax, Lut, round_shift
+from lic_deploy.entropy.intops import IntLayerNorm, IntSoftmax, Lut, requantize, round_shift
 from lic_deploy.errors import PackageError
 
 FORMAT, VERSION = "lic-intprog", 1
@@ -74,8 +74,7 @@ def _wmsa(qkv: np.ndarray, p: dict[str, Any]) -> np.ndarray:
     logits = logits + p["bias"][:, None]  # [heads, 1, T, T]
     mask = window_region_mask(h, w, win)[None] if shifted else None
     probs = p["softmax"](logits, mask)
-    out = round_shift(intops.matmul(probs, v) * p["pv_mult"], p["pv_shift"])
-    out = np.clip(out, p["lo"], p["hi"])  # [heads, windows, T, hd]
+    out = requantize(intops.matmul(probs, v), p["pv_mult"], p["pv_shift"], p["lo"], p["hi"])  # [heads, nW, T, hd]
     out = out.reshape(heads, h // win, w // win, win, win, hd).transpose(0, 5, 1, 3, 2, 4).reshape(c, h, w)
     return np.roll(out, (win // 2, win // 2), axis=(1, 2)) if shifted else out
 
@@ -85,7 +84,7 @@ def _igdn(x: np.ndarray, p: dict[str, Any]) -> np.ndarray:
     nu = np.clip(p["norm"](sq), 1, None)  # beta + gamma x^2 > 0 at the norm's scale
     r = intops.isqrt(nu << (2 * p["k"]))
     t = round_shift(x * r, p["pre_shift"])
-    return np.clip(round_shift(t * p["mult"], p["shift"]), p["lo"], p["hi"])
+    return requantize(t, p["mult"], p["shift"], p["lo"], p["hi"])
 
 
 def _run(ins: Instr, regs: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -94,11 +93,11 @@ def _run(ins: Instr, regs: Mapping[str, np.ndarray]) -> np.ndarray:
     if op == "conv":
         return p["layer"](a[0])
     if op == "rescale":
-        return np.clip(round_shift(a[0] * p["mult"][:, None, None], p["shift"][:, None, None]), p["lo"], p["hi"])
+        return requantize(a[0], p["mult"][:, None, None], p["shift"][:, None, None], p["lo"], p["hi"])
     if op == "add":
         return np.clip(round_shift(a[0] * p["ma"] + a[1] * p["mb"], p["shift"]), p["lo"], p["hi"])
     if op == "mul":
-        return np.clip(round_shift(a[0] * a[1] * p["m"], p["shift"]), p["lo"], p["hi"])
+        return requantize(a[0] * a[1], p["m"], p["shift"], p["lo"], p["hi"])
     if op == "lut":
         return p["lut"](a[0])
     if op == "layernorm":
