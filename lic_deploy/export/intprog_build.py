@@ -75,6 +75,15 @@ def _act_scale(vals: list[torch.Tensor]) -> float:
     return HEADROOM * _amax(vals) / QMAX
 
 
+def _pointwise(weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A float64 1x1 convolution with weight [O, I] and bias [O] (a linear layer over channels)."""
+    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1).double()
+    with torch.no_grad():
+        conv.weight.copy_(weight[:, :, None, None])
+        conv.bias.copy_(bias)
+    return conv
+
+
 class Tracer:
     """Emits instructions while following the float network on calibration inputs."""
 
@@ -133,21 +142,13 @@ class Tracer:
     def linear_after_norm(self, x: str, norm: nn.LayerNorm, linear: nn.Linear) -> str:
         """LayerNorm (integer, no affine) then a linear layer with the norm's gamma and beta folded in:
         W' = W diag(gamma), b' = b + W beta, as a 1x1 convolution over channels."""
-        n = self.layernorm(x, norm)
-        w = linear.weight.detach().double()
-        fused = nn.Conv2d(linear.in_features, linear.out_features, 1).double()
-        with torch.no_grad():
-            fused.weight.copy_((w * norm.weight.detach().double()[None]).reshape(*w.shape, 1, 1))
-            fused.bias.copy_(linear.bias.detach().double() + w @ norm.bias.detach().double())
-        return self.conv(n, fused)
+        w, b = linear.weight.detach().double(), linear.bias.detach().double()
+        gamma, beta = norm.weight.detach().double(), norm.bias.detach().double()
+        return self.conv(self.layernorm(x, norm), _pointwise(w * gamma[None], b + w @ beta))
 
     def linear(self, x: str, linear: nn.Linear, act: nn.Module | None = None) -> str:
         """A linear layer over channels, as a 1x1 convolution."""
-        conv = nn.Conv2d(linear.in_features, linear.out_features, 1).double()
-        with torch.no_grad():
-            conv.weight.copy_(linear.weight.detach().double()[:, :, None, None])
-            conv.bias.copy_(linear.bias.detach().double())
-        return self.conv(x, conv, act)
+        return self.conv(x, _pointwise(linear.weight.detach().double(), linear.bias.detach().double()), act)
 
     # ------------------------------------------------------------------ element-wise steps
 
