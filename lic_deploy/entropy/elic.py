@@ -96,9 +96,6 @@ class ElicEntropyModel(EntropyModel):
             c0 = c1
         return y_fp
 
-    def _as_float(self, y_fp: np.ndarray) -> np.ndarray:
-        return (y_fp.astype(np.float64) / (1 << self.param_frac_bits)).astype(np.float32)
-
     def encode_y(self, y: np.ndarray, side: np.ndarray, escapes: list[int]) -> tuple[list[bytes], np.ndarray]:
         streams: list[bytes] = []
 

@@ -124,8 +124,7 @@ class EntropyModel:
 
     def y_hat(self, y_sym: np.ndarray, mean_fp: np.ndarray) -> np.ndarray:
         """Exact reconstruction y_sym + mean_fp / 2**param_frac_bits as float32."""
-        scaled = y_sym.astype(np.int64) * (1 << self.param_frac_bits) + mean_fp
-        return (scaled.astype(np.float64) / (1 << self.param_frac_bits)).astype(np.float32)
+        return self._as_float(y_sym.astype(np.int64) * (1 << self.param_frac_bits) + mean_fp)
 
     def encode(self, y: np.ndarray, z: np.ndarray) -> Coded:
         """Float latents y [M, H, W] and z [N, h, w] (from any engine) -> payload streams."""
@@ -158,6 +157,10 @@ class EntropyModel:
         side = self.hs(hs_input(z_sym, self.median_fp, self.z_frac_bits))
         self.hs_seconds = time.perf_counter() - t0
         return side
+
+    def _as_float(self, y_fp: np.ndarray) -> np.ndarray:
+        """y_hat in fixed point (param_frac_bits) as float32, exactly."""
+        return (y_fp.astype(np.float64) / (1 << self.param_frac_bits)).astype(np.float32)
 
     def y_symbols(self, y: np.ndarray, mean_fp: np.ndarray) -> np.ndarray:
         """floor(y - mean + 1/2) as int64 (the encoder's quantization)."""

@@ -97,9 +97,6 @@ class TcmEntropyModel(EntropyModel):
             self.hs_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return np.concatenate(done)
 
-    def _as_float(self, y_fp: np.ndarray) -> np.ndarray:
-        return (y_fp.astype(np.float64) / (1 << self.param_frac_bits)).astype(np.float32)
-
     def encode_y(self, y: np.ndarray, side: np.ndarray, escapes: list[int]) -> tuple[list[bytes], np.ndarray]:
         s = self.y_channels // self.slices
         streams: list[bytes] = []
