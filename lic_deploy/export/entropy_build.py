@@ -38,8 +38,7 @@ def build_entropy(spec: Any, calib_inputs: Sequence[Mapping[str, np.ndarray]], *
     median_fp = np.round(t["z_median"] * 2**Z_FRAC_BITS).astype(np.int64)
     # Calibrate on exactly what the integer network will see (z_hat on the fixed-point median grid).
     med = median_fp[:, None, None] / 2**Z_FRAC_BITS
-    z_key = "tcm_z_hat" if spec.arch == "tcm" else "h_s"
-    z_calib = [torch.from_numpy((hs_input(np.floor(c[z_key][0] - med + 0.5).astype(np.int64), median_fp,
+    z_calib = [torch.from_numpy((hs_input(np.floor(c["h_s"][0] - med + 0.5).astype(np.int64), median_fp,
                                           Z_FRAC_BITS)[None] / 2**Z_FRAC_BITS).astype(np.float32))
                for c in calib_inputs]
     meta = {"z_frac_bits": Z_FRAC_BITS, "param_frac_bits": PARAM_FRAC_BITS, "act_bits": act_bits,

@@ -69,10 +69,10 @@ def stage_inputs(spec: Any, image: np.ndarray) -> dict[str, np.ndarray]:
     z = torch_run(model_pieces["h_a"], y)
     med = spec.tables["z_median"].astype(np.float32).reshape(1, -1, 1, 1)
     z_hat = (np.round(z - med) + med).astype(np.float32)
-    if spec.arch == "tcm":  # no single h_s; the entropy programs calibrate on z_hat and the y_hat slices
+    if spec.arch == "tcm":  # no single h_s stage; the entropy programs calibrate on z_hat and the y_hat slices
         with torch.no_grad():
             y_hat, before, after = spec.context.reference_slices(torch.from_numpy(y), torch.from_numpy(z_hat))
-        return {"g_a": image, "h_a": y, "g_s": y_hat.numpy(), "tcm_z_hat": z_hat,
+        return {"g_a": image, "h_a": y, "h_s": z_hat, "g_s": y_hat.numpy(),
                 **{f"tcm_before{i}": v.numpy() for i, v in enumerate(before)},
                 **{f"tcm_after{i}": v.numpy() for i, v in enumerate(after)}}
     params = torch_run(model_pieces["h_s"], z_hat)
