@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lic_deploy.entropy.bitstream import padding
 from lic_deploy.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -113,8 +114,6 @@ def pad_to_multiple(chw: np.ndarray, multiple: int, min_size: int = 0) -> tuple[
     """Pad bottom/right by edge replication so H and W are multiples of `multiple` and at least `min_size`
     (pixels). Returns the padded array and the rows and columns added.
     """
-    from lic_deploy.entropy.bitstream import padding
-
     _, h, w = chw.shape
     pb, pr = padding(h, multiple, min_size), padding(w, multiple, min_size)
     if pb or pr:
