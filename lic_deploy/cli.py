@@ -169,7 +169,7 @@ def _train(args: argparse.Namespace) -> int:
                       steps=args.steps, batch=args.batch, patch=args.patch, downscale=args.downscale or None,
                       lr=args.lr, warmup=args.warmup, clip=args.clip, seed=args.seed, log_every=args.log_every,
                       val_every=args.val_every, ckpt_every=args.ckpt_every, align_every=args.align_every,
-                      resume=args.resume, threads=args.threads, until_val_loss=args.until_val_loss,
+                      resume=args.resume, init=args.init, threads=args.threads, until_val_loss=args.until_val_loss,
                       context_widths=args.context_widths, arch_options=args.arch_config,
                       device=args.device, amp=args.amp, schedule=args.schedule,
                       lr_milestones=args.lr_milestones, lr_gamma=args.lr_gamma, accum=args.accum,
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-every", type=_positive, default=250)
     p.add_argument("--align-every", type=_positive, default=50, help="alignment metrics every K steps (50)")
     p.add_argument("--resume", help="checkpoint to continue from (same optimizer and architecture)")
+    p.add_argument("--init", metavar="CKPT",
+                   help="start a new run from CKPT's weights (same architecture and config; any optimizer and "
+                   "lambda), with a fresh optimizer and step 0: how further rate points are trained from one")
     p.add_argument("--until-val-loss", type=float, metavar="LOSS",
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")

@@ -161,6 +161,30 @@ def test_short_run_and_bit_exact_resume(tiny_data: Path, tmp_path: Path) -> None
         assert rows[-1]["step"] == 10
 
 
+def test_init_starts_a_new_rate_point_from_trained_weights(tiny_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.archs.checkpoint import read_checkpoint
+
+    base, low = tmp_path / "base.pt", tmp_path / "low.pt"
+    assert main(_args(tiny_data, base, "--optimizer", "adam", "--steps", "5")) == 0
+    assert main(_args(tiny_data, low, "--optimizer", "soap", "--steps", "1", "--lmbda", "0.002",
+                      "--init", str(base), "--lr", "1e-12", "--clip", "0")) == 0
+    start, _ = read_checkpoint(base)
+    got, meta = read_checkpoint(low)
+    # one step at a vanishing rate: the new run starts from base's weights, not from the seed's
+    assert all(torch.allclose(start[k], got[k], atol=1e-6) for k in start if not k.endswith("quantiles"))
+    assert meta["steps"] == 1 and meta["lmbda"] == 0.002 and meta["optimizer"] == "soap"
+    assert meta["init"] == {"path": str(base), "steps": 5, "optimizer": "adam", "lmbda": 0.013}
+    # the record survives a resume
+    assert main(_args(tiny_data, low, "--optimizer", "soap", "--steps", "2", "--lmbda", "0.002", "--lr", "1e-12",
+                      "--clip", "0", "--resume", str(low))) == 0
+    assert read_checkpoint(low)[1]["init"]["path"] == str(base)
+    for extra, needle in ((["--N", "16"], "do not fit"), (["--resume", str(low)], "give one of them")):
+        assert main(_args(tiny_data, tmp_path / "x.pt", "--init", str(base), *extra)) == 2
+        assert needle in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "x.pt").exists()
+
+
 def test_until_val_loss_stops_at_the_first_validation_that_reaches_it(tiny_data: Path, tmp_path: Path) -> None:
     from lic_deploy.archs.checkpoint import read_checkpoint
 

@@ -59,6 +59,7 @@ class TrainConfig:
     ckpt_every: int = 250
     align_every: int = 50
     resume: str | None = None
+    init: str | None = None  # start from this checkpoint's weights (same arch and config), fresh optimizer, step 0
     threads: int | None = None
     limit: int | None = None  # use only the first `limit` training images (tests)
     until_val_loss: float | None = None  # stop at the first validation whose loss is at or below this
@@ -153,6 +154,8 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.data_mode not in DATA_MODES:
         raise LicError(f"--data-mode {cfg.data_mode!r}: choose from {', '.join(DATA_MODES)}")
     cfg.lr_schedule()  # LicError for an impossible schedule
+    if cfg.init and cfg.resume:
+        raise LicError("--init starts a new run from a checkpoint's weights, --resume continues one: give one of them")
 
 
 def open_dataset(cfg: TrainConfig) -> Any:
@@ -259,6 +262,8 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     start, seconds = 0, 0.0
     if resumed:
         start, seconds = _resume(cfg, model, opt, aux_opt, resumed, schedule.record(cfg.steps))
+    elif cfg.init:
+        _init_weights(cfg, model)
     model.train()
     forward = distributed.wrap(model, world, [n for n, _ in model.named_parameters() if n.endswith(".quantiles")])
 
@@ -269,6 +274,10 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
             "batch": cfg.batch, "patch": cfg.patch, "downscale": cfg.downscale, "data_hash": dataset.hash,
             "data_images": len(dataset), "schedule": schedule.record(cfg.steps), "world_size": world.size,
             "device": world.device, "amp": cfg.amp, "config": asdict(cfg)}
+    if cfg.init:
+        meta["init"] = _init_record(cfg.init)
+    elif resumed and "init" in resumed[1]:
+        meta["init"] = resumed[1]["init"]
 
     def save(step: int) -> None:
         if world.main:
@@ -388,6 +397,30 @@ def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, checkpoint: tu
     opt.load_state_dict(raw["optimizer"])
     aux_opt.load_state_dict(raw["aux_optimizer"])
     return int(meta.get("steps", 0)), float(meta.get("seconds", 0.0))
+
+
+def _init_weights(cfg: TrainConfig, model: Any) -> None:
+    """Load cfg.init's weights into `model` (built from cfg); CheckpointError if its architecture or shapes differ."""
+    import torch
+
+    from lic_deploy.archs.checkpoint import read_checkpoint
+
+    state, meta = read_checkpoint(Path(cfg.init))  # type: ignore[arg-type]
+    if meta.get("arch") not in (None, cfg.arch):
+        raise CheckpointError(f"{cfg.init}: is a {meta['arch']} checkpoint; --init needs one of the run's {cfg.arch}")
+    try:
+        torch.nn.Module.load_state_dict(model, state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{cfg.init}: its weights do not fit {cfg.arch} {cfg.arch_config()} "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+
+
+def _init_record(path: str) -> dict[str, Any]:
+    """What a run started from: the checkpoint's path, steps, optimizer and lambda (kept through resumes)."""
+    from lic_deploy.archs.checkpoint import read_checkpoint
+
+    meta = read_checkpoint(Path(path))[1]
+    return {"path": str(path), **{k: meta[k] for k in ("steps", "optimizer", "lmbda") if k in meta}}
 
 
 def default_threads() -> int:
