@@ -291,3 +291,17 @@ def test_ddp_resume_is_bit_exact(flat: Path, tmp_path: Path) -> None:
     a, _ = read_checkpoint(whole)
     b, meta = read_checkpoint(cut)
     assert meta["steps"] == 4 and meta["world_size"] == 2 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_bench_times_every_optimizer_and_the_pipeline(flat: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.bench.train_bench import main as bench
+
+    assert bench(["--data", str(flat), "--N", "8", "--M", "16", "--batch", "1", "--patch", "64", "--warmup", "1",
+                  "--steps", "1", "--workers", "0", "--pipeline-batch", "2", "--pipeline-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| adam") or line.startswith("| soap")}
+    assert set(rows) == {"adam", "soap (lic-deploy)", "soap (pytorch-optimizer)"}
+    # every figure positive, and a whole step longer than its optimizer part
+    assert all(len(r) == 4 and all(v > 0 for v in r) and r[0] > r[2] for r in rows.values())
+    assert "lic-deploy's SOAP / pytorch-optimizer's" in out and "images/s" in out

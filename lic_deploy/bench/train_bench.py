@@ -1,7 +1,8 @@
 """`make bench-train`: what a training step costs, SOAP against Adam, and how fast the data pipeline feeds it.
 
 Prints, in one run on this machine (medians after warm-up):
-- per optimizer: the whole step (forward, backward, optimizer) in ms, steps per second, and the optimizer part
+- per optimizer (their steps interleaved, one of each per round): the whole step (forward, backward, optimizer)
+  in ms, steps per second, and the optimizer part
   (everything after backward: `opt.step()`, SOAP's statistics, projections and, every `precondition_frequency`
   steps, its eigenbasis update; timed over whole multiples of that frequency so the periodic update is averaged
   in) in ms; SOAP / Adam ratios of both;
@@ -27,41 +28,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(optimizer: str, args: argparse.Namespace, impl: str = "lic-deploy") -> dict[str, Any]:
-    """Median whole-step and optimizer-part milliseconds of `optimizer` on random crops (synthetic data)."""
+def time_steps(variants: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median whole-step and optimizer-part milliseconds of each (optimizer, SOAP implementation) on one fixed
+    random batch, the variants' steps interleaved (one of each per round) so that load on the machine hits all
+    alike."""
     import torch
 
     from lic_deploy.archs.registry import get_adapter
     from lic_deploy.train.loop import rd_loss
     from lic_deploy.train.optim import build_optimizer, split_parameters
 
-    torch.manual_seed(0)
-    model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
-    params, _ = split_parameters(model)
-    opt, hp = build_optimizer(optimizer, params, soap_impl=impl)
+    runs = []
+    for optimizer, impl in variants:
+        torch.manual_seed(0)
+        model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
+        opt, hp = build_optimizer(optimizer, split_parameters(model)[0], soap_impl=impl)
+        runs.append((model, opt, hp.get("precondition_frequency", 1), [], []))
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)
-    freq = hp.get("precondition_frequency", 1)
-    steps, opt_part = [], []
-    total = args.warmup + args.steps * freq
-    for i in range(total):
-        _sync(args.device)
-        t0 = time.perf_counter()
-        loss, _, _ = rd_loss(model(x), x, 0.013)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        _sync(args.device)
-        t1 = time.perf_counter()
-        opt.step()
-        _sync(args.device)
-        t2 = time.perf_counter()
-        if i >= args.warmup:
-            steps.append(t2 - t0)
-            opt_part.append(t2 - t1)
+    period = max(r[2] for r in runs)
+    for i in range(args.warmup + args.steps * period):
+        for model, opt, _, steps, opt_part in runs:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            loss, _, _ = rd_loss(model(x), x, 0.013)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            _sync(args.device)
+            t1 = time.perf_counter()
+            opt.step()
+            _sync(args.device)
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                steps.append(t2 - t0)
+                opt_part.append(t2 - t1)
     # the optimizer part's mean over whole frequency periods (the periodic eigenbasis update included)
-    name = optimizer if optimizer == "adam" else f"soap ({impl})"
-    return {"optimizer": name, "step_ms": 1000 * statistics.median(steps),
-            "steps_per_s": 1 / statistics.median(steps), "optimizer_ms": 1000 * statistics.fmean(opt_part),
-            "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
+    return [{"optimizer": optimizer if optimizer == "adam" else f"soap ({impl})",
+             "step_ms": 1000 * statistics.median(steps), "steps_per_s": 1 / statistics.median(steps),
+             "optimizer_ms": 1000 * statistics.fmean(opt_part),
+             "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
+            for (optimizer, impl), (_, _, freq, steps, opt_part) in zip(variants, runs, strict=True)]
 
 
 def time_pipeline(args: argparse.Namespace, workers: int) -> float:
@@ -97,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     from lic_deploy.runtime.engines import check_device
 
     check_device(args.device, "run with --device cpu here")
+    from lic_deploy.train.loop import flush_denormals
+
     torch.set_num_threads(args.threads)
-    rows = [time_steps("adam", args), time_steps("soap", args), time_steps("soap", args, "pytorch-optimizer")]
+    flush_denormals()  # as training does
+    rows = time_steps([("adam", ""), ("soap", "lic-deploy"), ("soap", "pytorch-optimizer")], args)
     adam, soap, reference = rows
     print(f"training step, mbt2018-mean N={args.N} M={args.M}, batch {args.batch}, {args.patch} px, {args.device}, "
           f"{args.threads} threads (medians; optimizer part: mean over whole SOAP precondition periods):")
