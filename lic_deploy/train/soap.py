@@ -37,6 +37,11 @@ import torch
 FAST_PERM = (2, 3, 0, 1)  # a 4-D weight's m and v in the eigenbasis: [k1, k2, a, b] (see the module docstring)
 
 
+def _layout(factors: list[torch.Tensor | None]) -> int:
+    """1 for a 4-D weight with all four factors (m, v stored as [k1, k2, a, b]), else 0 (the parameter's layout)."""
+    return int(len(factors) == 4 and all(f is not None for f in factors))
+
+
 def _to_eigen_4d(g: torch.Tensor, q: list[torch.Tensor], gg: list[torch.Tensor] | None = None, weight: float = 0.0
                  ) -> torch.Tensor:
     """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b]; with `gg`, each factor statistic lerps towards
@@ -154,7 +159,7 @@ class SOAP(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for state in self.state.values():
             if "GG" in state and "layout" not in state:
-                state["layout"] = int(len(state["GG"]) == 4 and all(f is not None for f in state["GG"]))
+                state["layout"] = _layout(state["GG"])
                 if state["layout"]:
                     for key in ("exp_avg", "exp_avg_sq"):
                         state[key] = state[key].permute(FAST_PERM).contiguous()
@@ -175,7 +180,7 @@ class SOAP(torch.optim.Optimizer):
                     g = p.grad
                     state["GG"] = [torch.zeros(n, n, device=g.device, dtype=g.dtype)
                                    if g.dim() > 1 and n <= group["max_precondition_dim"] else None for n in g.shape]
-                    state["layout"] = int(g.dim() == 4 and all(f is not None for f in state["GG"]))
+                    state["layout"] = _layout(state["GG"])
                     shape = [g.shape[i] for i in FAST_PERM] if state["layout"] else g.shape
                     state["exp_avg"] = g.new_zeros(shape)  # the first moment, in the eigenbasis
                     state["exp_avg_sq"] = g.new_zeros(shape)
