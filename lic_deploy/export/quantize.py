@@ -10,6 +10,8 @@ The 1x1 convolutions inside GDN/IGDN normalisations (nodes under `/norm/`) act o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -24,6 +26,11 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 # KL (entropy) calibration: histogram bins collected, and the int8 bins each candidate threshold is folded into.
 # onnxruntime's own default (128 and 128) leaves one candidate, the full range, which is min-max.
 ENTROPY_BINS, ENTROPY_QUANTIZED_BINS = 2048, 128
+PERCENTILE = 99.999  # percentile calibration: the range keeps all but 0.0005 % of each tail
+# Calibration inputs per collection pass. ONNX Runtime keeps every calibrated tensor of a pass until it reduces
+# them (percentile on a narrow TCM's g_a: 4.3 GB for 16 crops of 256 px); passes of CALIB_CHUNK bound that memory
+# whatever the count. (Its own CalibMaxIntermediateOutputs drops full passes unreduced in 1.32, so it is not used.)
+CALIB_CHUNK = 8
 INT8_VARIANTS = ("int8", "int8-u8s8")
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "MatMul")  # MatMul: linear layers (transformer blocks) only
 
@@ -57,9 +64,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
     `exclude` names further nodes to keep in float (mixed precision, `lic_deploy.export.fallback`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-    if method not in methods:
+    if method not in CALIB_METHODS:
         raise ValueError(f"calibration method {method!r}; choose from {', '.join(CALIB_METHODS)}")
     unsigned = variant == "int8-u8s8"
     # Q/DQ only where a convolution reads its input (TensorRT's recommended placement): conv outputs, and so
@@ -68,35 +73,44 @@ def quantize_int8(fp32_path: Path, out_path: Path, calib_inputs: Sequence[np.nda
                              "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
                              "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                              "QuantizeBias": False}
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.999
-    if method == "entropy":  # ranges from our own entropy pass; quantize_static cannot set its bin counts
-        extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-                                         for name, (lo, hi) in entropy_ranges(fp32_path, calib_inputs).items()}
+    # Every calibrated tensor's range comes from our chunked pass; quantize_static selects the same tensors (the
+    # inputs of QUANTIZED_OPS) and its own calibration, on one input, is overridden for all of them.
+    ranges = calibrated_ranges(fp32_path, calib_inputs, method)
+    extra["TensorQuantOverrides"] = {name: [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
+                                     for name, (lo, hi) in ranges.items()}
     logging.getLogger().setLevel(logging.ERROR)  # ORT logs a pre-processing hint on the root logger each call
     quantize_static(
-        str(fp32_path), str(out_path), _Reader(calib_inputs),
+        str(fp32_path), str(out_path), _Reader(calib_inputs[:1]),
         quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
         weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS),
         nodes_to_exclude=[*_skip_nodes(fp32_path), *exclude],
-        calibrate_method=methods["minmax" if method == "entropy" else method], extra_options=extra,
+        calibrate_method=CalibrationMethod.MinMax, extra_options=extra,
     )
 
 
-def entropy_ranges(fp32_path: Path, calib_inputs: Sequence[np.ndarray]) -> dict[str, tuple[float, float]]:
-    """Symmetric activation ranges (float units) of the convolutions' tensors that minimise the KL divergence
-    between the ENTROPY_BINS histogram and its ENTROPY_QUANTIZED_BINS-level quantization (TensorRT's method)."""
+def calibrated_ranges(fp32_path: Path, calib_inputs: Sequence[np.ndarray], method: str
+                      ) -> dict[str, tuple[float, float]]:
+    """Activation ranges (float units) of the quantized ops' input tensors from ONNX Runtime's calibrators, fed
+    CALIB_CHUNK inputs per pass and merged over passes. `minmax`: the smallest and largest value; `percentile`:
+    the PERCENTILE range of the signed values; `entropy`: the symmetric range that minimises the KL divergence
+    between the ENTROPY_BINS histogram and its ENTROPY_QUANTIZED_BINS-level quantization (TensorRT's method).
+    The histograms keep the first pass's bin width and grow bins for larger values."""
     import tempfile
 
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(
-            str(fp32_path), list(QUANTIZED_OPS), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-            calibrate_method=CalibrationMethod.Entropy,
-            extra_options={"symmetric": True, "num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS})
-        calibrator.collect_data(_Reader(calib_inputs))
+    kind, options = {
+        "minmax": (CalibrationMethod.MinMax, {"symmetric": False}),
+        "percentile": (CalibrationMethod.Percentile, {"symmetric": False, "percentile": PERCENTILE}),
+        "entropy": (CalibrationMethod.Entropy, {"symmetric": True, "num_bins": ENTROPY_BINS,
+                                                "num_quantized_bins": ENTROPY_QUANTIZED_BINS}),
+    }[method]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints per pass
+        calibrator = create_calibrator(str(fp32_path), list(QUANTIZED_OPS), calibrate_method=kind,
+                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"), extra_options=options)
+        for start in range(0, len(calib_inputs), CALIB_CHUNK):
+            calibrator.collect_data(_Reader(calib_inputs[start:start + CALIB_CHUNK]))
         data = calibrator.compute_data()
     return {name: (float(r.range_value[0]), float(r.range_value[1])) for name, r in data.data.items()}
 
