@@ -97,9 +97,10 @@ bench-codec: $(STAMP)
 # then its integer entropy path and codec timing against CompressAI's compress/decompress on Kodak.
 ELIC_TRAIN = --arch elic --N 32 --M 160 --context-widths 32,32 --lmbda 0.013 --data $(DATA)/train \
 	--val $(DATA)/kodak --val-count 2 --steps 300 --batch 4 --patch 128 --threads 1 --val-every 100 --ckpt-every 100
-# TCM: a narrow pair (SOAP, Adam) per lambda trained here (resumable: run again to continue): TCM_BASE from
-# scratch for TCM_STEPS, every other lambda from the same optimizer's TCM_BASE model for TCM_FT_STEPS more (--init);
-# then the integer entropy path against the float reference, speed, and INT8 PTQ loss SOAP against Adam.
+# TCM: a narrow pair (SOAP, Adam) trained here (resumable: run again to continue): a base model per optimizer at
+# TCM_BASE from scratch for TCM_STEPS, then every lambda of TCM_LAMBDAS (TCM_BASE too) from that base for
+# TCM_FT_STEPS more (--init), so all four points have had the same training; then the integer entropy path against
+# the float reference, speed, and INT8 PTQ loss SOAP against Adam.
 TCM_LAMBDAS ?= 0.0035 0.0067 0.013 0.025
 TCM_BASE ?= 0.013
 TCM_STEPS ?= 600
@@ -107,17 +108,19 @@ TCM_FT_STEPS ?= 150
 TCM_TRAIN = --arch tcm --data $(DATA)/train --val $(DATA)/kodak --val-count 2 --N 32 --M 160 \
 	--arch-config slices=5,depth=1,attn=32,cc1=64,cc2=32,Z=64 --patch 256 --batch 4 \
 	--ckpt-every 50 --val-every 150 --log-every 25 --align-every 50
-TCM_CKPTS = $(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-soap-$(l).pt $(RUNS)/tcm/tcm-small-adam-$(l).pt)
+TCM_CKPTS = $(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-soap-ft-$(l).pt $(RUNS)/tcm/tcm-small-adam-ft-$(l).pt)
+resume_or = $$( [ -f $(1) ] && echo --resume $(1) || echo $(2) )
 models-tcm: $(STAMP)
 	mkdir -p $(RUNS)/tcm
-	for l in $(TCM_BASE) $(filter-out $(TCM_BASE),$(TCM_LAMBDAS)); do for opt in soap adam; do \
-		ck=$(RUNS)/tcm/tcm-small-$$opt-$$l.pt; base=$(RUNS)/tcm/tcm-small-$$opt-$(TCM_BASE).pt; \
-		if [ $$l = $(TCM_BASE) ]; then run="--steps $(TCM_STEPS)"; else run="--steps $(TCM_FT_STEPS) --warmup 20"; fi; \
-		if [ -f $$ck ]; then run="$$run --resume $$ck"; elif [ $$l != $(TCM_BASE) ]; then run="$$run --init $$base"; fi; \
-		$(VENV)/bin/lic-deploy train $(TCM_TRAIN) $$run --lmbda $$l --optimizer $$opt -o $$ck || exit 1; done; done
+	for opt in soap adam; do base=$(RUNS)/tcm/tcm-small-$$opt-$(TCM_BASE).pt; \
+		$(VENV)/bin/lic-deploy train $(TCM_TRAIN) --steps $(TCM_STEPS) --lmbda $(TCM_BASE) --optimizer $$opt \
+			-o $$base $(call resume_or,$$base,) || exit 1; done
+	for l in $(TCM_LAMBDAS); do for opt in soap adam; do ck=$(RUNS)/tcm/tcm-small-$$opt-ft-$$l.pt; \
+		$(VENV)/bin/lic-deploy train $(TCM_TRAIN) --steps $(TCM_FT_STEPS) --warmup 20 --lmbda $$l --optimizer $$opt \
+			-o $$ck $(call resume_or,$$ck,--init $(RUNS)/tcm/tcm-small-$$opt-$(TCM_BASE).pt) || exit 1; done; done
 bench-tcm: $(STAMP)
 	for opt in soap adam; do $(PY) -m lic_deploy.bench.codec_bench \
-		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-$(l).pt) --data $(DATA)/kodak \
+		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-ft-$(l).pt) --data $(DATA)/kodak \
 		--out $(OUT)/bench-tcm-codec-$$opt || exit 1; done
 	$(PY) -m lic_deploy.bench.speed_bench $(TCM_CKPTS) --data $(DATA)/kodak --images 4 --paths ort:fp32,ort:int8 \
 		--out $(OUT)/bench-tcm-speed
