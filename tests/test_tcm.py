@@ -359,3 +359,42 @@ def test_official_tcm_s_checkpoint_exports_encodes_and_decodes(tmp_path: Path) -
     out = codec.decode(data)
     assert np.array_equal(out.y_hat, y_enc) and out.image.shape == (130, 260, 3)
     assert y_enc.shape == (320, 16, 24)  # padded to 256 x 384: multiples of 128, at least 256
+
+
+def test_ablation_variants_code_real_streams(package_tcm: Path, tcm_image: np.ndarray) -> None:
+    """The ablation's `integer` variant is the shipped codec (same payload bits and PSNR as encode/decode);
+    `float-all` takes the float networks' values, so its rate is near the float reference codec's."""
+    from lic_deploy.archs.checkpoint import load_model
+    from lic_deploy.bench.tcm_ablation import VARIANTS, AblatedTcm, measure, report
+    from lic_deploy.entropy.bitstream import unpack
+    from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.images import psnr, to_uint8
+    from lic_deploy.runtime.package import Package
+
+    model = load_model(package_tcm / "model.safetensors").model.eval()
+    got = measure(package_tcm, model, [tcm_image], threads=1)
+    codec = Codec(package_tcm, "ort", "fp32", threads=1)
+    data, _ = codec.encode_array(tcm_image)
+    pixels = tcm_image.shape[1] * tcm_image.shape[2]
+    assert got["integer"]["bpp"] == 8 * sum(len(p) for p in unpack(data)[1]) / pixels
+    assert got["integer"]["psnr"] == pytest.approx(psnr(codec.decode(data).image, to_uint8(tcm_image)), abs=1e-9)
+    model.update(force=True)
+    with torch.no_grad():
+        ref = model.compress(torch.from_numpy(Package.open(package_tcm).pad(tcm_image)[0][None]))
+    ref_bpp = 8 * sum(len(s[0]) for s in ref["strings"]) / pixels
+    assert abs(got["float-all"]["bpp"] / ref_bpp - 1) < 0.05
+    # float-all's y_hat is the float model's (reference_slices on the same y and z_hat) to y_hat's fixed point
+    x = Package.open(package_tcm).pad(tcm_image)[0][None]
+    y = codec.engine.run("g_a", x)
+    z = codec.engine.run("h_a", y)
+    errors = {}
+    for name in ("integer", "float-all"):
+        entropy = AblatedTcm(codec.package.entropy, model, VARIANTS[name])
+        y_hat = entropy.encode(y[0], z[0]).y_hat
+        with torch.no_grad():
+            ref_y_hat = model.reference_slices(torch.from_numpy(y), torch.from_numpy(entropy._z_hat[None]).float())[0]
+        errors[name] = np.abs(y_hat - ref_y_hat[0].numpy()) * (1 << entropy.param_frac_bits)
+    # in units of y_hat's fixed point: float-all within one unit almost everywhere, the integer path not
+    assert np.mean(errors["float-all"] <= 1.01) > 0.99 and np.mean(errors["integer"] <= 1.01) < 0.9
+    assert set(got) == set(VARIANTS) and all(np.isfinite([v["bpp"], v["psnr"]]).all() for v in got.values())
+    assert all(name in report({"m": got}) for name in VARIANTS)
