@@ -54,6 +54,26 @@ def test_hyper_synthesis_program_follows_the_float_branch(model: TCM) -> None:
     assert _rel(o * t.regs[out].scale[:, None, None], _float(model.h_mean_s, test)) < 0.02
 
 
+def test_igdn_with_rows_of_gamma_at_its_floor(model: TCM) -> None:
+    """Trained IGDNs can leave rows of gamma at the reparametrisation's floor (~1e-11, seen in a narrow TCM's
+    h_scale_s at lambda 0.0035): beta must still fit the accumulator, and the program still follow the branch."""
+    import copy
+
+    branch = copy.deepcopy(model.h_scale_s)
+    gdn = branch[0].igdn
+    pedestal = gdn.gamma_reparam.reparam_offset**2
+    with torch.no_grad():
+        gdn.gamma[:5] = (pedestal + 1e-11) ** 0.5  # rows 0-4: gamma ~1e-11, as trained
+    assert float(gdn.gamma_reparam(gdn.gamma)[:5].abs().max()) < 1e-10
+    gen = torch.Generator().manual_seed(3)
+    calib = [torch.round(torch.randn(1, 16, 4, 6, generator=gen) * 3) for _ in range(3)]
+    t = Tracer()
+    out = emit_hyper_synthesis(t, branch, t.input("z", calib, 1.0, 127))
+    test = torch.round(torch.randn(1, 16, 6, 4, generator=gen) * 3)
+    (o,) = t.program().run({"z": test[0].numpy().astype(np.int64)}, [out])
+    assert _rel(o * t.regs[out].scale[:, None, None], _float(branch, test)) < 0.02
+
+
 def test_swatten_and_conv_chain_programs_follow_the_float_modules(model: TCM) -> None:
     gen = torch.Generator().manual_seed(2)
     calib = [torch.randn(1, 40, 8, 8, generator=gen) * 2 for _ in range(3)]

@@ -154,9 +154,10 @@ def _calibrate(stages: list[tuple[_Conv, _Act | None]], calib_inputs: Sequence[t
     return amax
 
 
-def _quantize_weight(conv: _Conv, in_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """int8 weight (torch layout) and per-output-channel scale s_w = max|w_o| / 127 (1 for zero channels),
-    of the weight times `in_scale` per input channel when given."""
+def _quantize_weight(conv: _Conv, in_scale: np.ndarray | None = None, min_scale: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """int8 weight (torch layout) and per-output-channel scale s_w = max|w_o| / 127 (1 for zero channels, at
+    least `min_scale` when given), of the weight times `in_scale` per input channel when given."""
     w = conv.weight.detach().cpu().double().numpy()
     out_axis = 0 if isinstance(conv, nn.Conv2d) else 1
     if in_scale is not None:
@@ -166,6 +167,8 @@ def _quantize_weight(conv: _Conv, in_scale: np.ndarray | None = None) -> tuple[n
     other = tuple(d for d in range(4) if d != out_axis)
     amax = np.abs(w).max(axis=other)
     s_w = np.where(amax > 0, amax / WEIGHT_QMAX, 1.0)
+    if min_scale is not None:
+        s_w = np.maximum(s_w, min_scale)
     shape = [1, 1, 1, 1]
     shape[out_axis] = -1
     q = np.clip(np.rint(w / s_w.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)

@@ -40,6 +40,7 @@ QMAX = 2**15 - 1  # int16 activations
 HEADROOM = 4  # calibrated activation scales cover 4x the calibration maximum (values beyond it are clipped)
 LN_FRAC = 12  # LayerNorm outputs carry 12 fractional bits
 LUT_ENTRIES = 4096  # table functions are sampled at most this many times over their input's range
+BETA_BITS = 40  # IGDN's beta is at most 2**40 accumulator units (far finer than any x^2 term it is added to)
 NORM_HEADROOM = 2**24  # IGDN's beta + gamma x^2 at its calibrated maximum; clipped at 2**31 - 1
 
 
@@ -293,7 +294,10 @@ class Tracer:
             nus = [norm(v * v) for v in r.vals]
             vals = [v * torch.sqrt(n) for v, n in zip(r.vals, nus, strict=True)]
         s_sq = s_x * s_x * 2.0**sq_shift
-        weight, s_w = _quantize_weight(norm, np.full(c, s_sq))
+        # a row of gamma at its reparametrisation floor (a channel that stopped using the others, ~1e-11) would
+        # put beta beyond the accumulator at max|gamma_o| / 127: the scale is at least beta_o / 2**BETA_BITS
+        min_scale = np.abs(beta.numpy()) / 2.0**BETA_BITS
+        weight, s_w = _quantize_weight(norm, np.full(c, s_sq), min_scale)
         s_nu = _amax(nus) / NORM_HEADROOM
         bias = _quantize_bias(norm, s_w)
         sq_max = (r.bound * r.bound >> sq_shift) + 1
