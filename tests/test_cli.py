@@ -46,6 +46,21 @@ def test_export_bad_inputs(tmp_path: Path, ckpt_mbt: Path, capsys: pytest.Captur
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "exists", "junk.pt"]
 
 
+def test_export_of_weights_the_integer_builder_cannot_represent(tmp_path: Path, ckpt_mbt: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bound the integer entropy builder cannot meet (it raises ValueError) is one line and exit 2."""
+    from lic_deploy.export import entropy_build
+
+    def refuse(*_: object, **__: object) -> None:
+        raise ValueError("bias of Conv2d(4, 4) does not fit the accumulator")
+
+    monkeypatch.setattr(entropy_build, "build_entropy", refuse)
+    code, err = _run(["export", str(ckpt_mbt), "-o", str(tmp_path / "pkg"), "--calib-count", "1"], capsys)
+    _one_line_error(code, err, "cannot represent it (bias of Conv2d(4, 4) does not fit the accumulator)")
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_console_script_help_is_fast_and_light() -> None:
     """--help must not import torch, compressai or onnx (they take seconds)."""
     code = ("import sys, runpy; sys.argv = ['lic-deploy', '--help']\n"

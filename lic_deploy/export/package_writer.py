@@ -154,7 +154,10 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             stages[name] = {"in_channels": stage.in_channels, "out_channels": stage.out_channels,
                             "stride": stage.stride, "files": files}
 
-        arrays, entropy_info = build_entropy(spec, calib_inputs, act_bits=opts.entropy_act_bits)
+        try:
+            arrays, entropy_info = build_entropy(spec, calib_inputs, act_bits=opts.entropy_act_bits)
+        except ValueError as exc:  # a bound the integer builder cannot meet for these weights
+            raise PackageError(f"{checkpoint}: the integer entropy model cannot represent it ({exc})") from None
         np.savez(tmp / "entropy.npz", **arrays)
         fallback = None
         if lmbda is not None:
