@@ -123,10 +123,10 @@ bench-tcm: $(STAMP)
 		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-ft-$(l).pt) --data $(DATA)/kodak \
 		--out $(OUT)/bench-tcm-codec-$$opt || exit 1; done
 	for opt in soap adam; do $(PY) -m lic_deploy.bench.tcm_ablation \
-		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-ft-$(l).pt) --data $(DATA)/kodak --images 8 \
+		$(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-$$opt-ft-$(l).pt) --data $(DATA)/kodak --images 6 \
 		--packages $(OUT)/bench-tcm-codec-$$opt --out $(OUT)/bench-tcm-ablation-$$opt || exit 1; done
 	$(PY) -m lic_deploy.bench.speed_bench $(RUNS)/tcm/tcm-small-soap-ft-$(TCM_BASE).pt \
-		$(RUNS)/tcm/tcm-small-adam-ft-$(TCM_BASE).pt --data $(DATA)/kodak --images 4 --paths ort:fp32 \
+		$(RUNS)/tcm/tcm-small-adam-ft-$(TCM_BASE).pt --data $(DATA)/kodak --images 2 --repeat 2 --paths ort:fp32 \
 		--out $(OUT)/bench-tcm-speed
 	$(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --images 12 --calib calib/train-64.json \
 		--precisions fp32,int8 --calib-methods minmax --backends ort --repeat 1 --outlier-images 2 --resume \
