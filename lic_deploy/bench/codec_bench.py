@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.bench.bdrate import bd_rate
+from lic_deploy.bench.bdrate import try_bd_rate
 from lic_deploy.bench.latency import format_table, median_seconds
 from lic_deploy.entropy.bitstream import unpack
 from lic_deploy.runtime.images import list_images, load_rgb, pad_to_multiple, psnr, to_uint8
@@ -161,10 +161,10 @@ def _report(results: dict[str, Any], out: Path) -> None:
         curve = {k: ([m["summary"][k]["bpp"] for m in models.values()],
                      [m["summary"][k]["psnr"] for m in models.values()])
                  for k in next(iter(models.values()))["summary"]}
-        bd = {k: bd_rate(*curve["compressai"], *curve[k]) for k in curve if k != "compressai"}
-        results["bd_rate_vs_compressai_percent"] = bd
+        bd = {k: try_bd_rate(*curve["compressai"], *curve[k]) for k in curve if k != "compressai"}
+        results["bd_rate_vs_compressai_percent"] = {k: v for k, (v, _) in bd.items()}
         lines.append("BD-rate (pchip) against CompressAI's float entropy path, same model, real bitstreams:")
-        lines += [f"  {k}: {v:+.3f} %" for k, v in bd.items()]
+        lines += [f"  {k}: {text}" for k, (_, text) in bd.items()]
     c = results.get("coder")
     if c is not None:
         lines.append(f"entropy coder on {c['symbols']} y symbols: constriction {c['constriction_enc_msym_s']:.1f} / "
