@@ -519,3 +519,20 @@ def test_outlier_pair_verdict_and_fallback_overlap() -> None:
                             {"model": "m", "variant": "x", "kept_layers": []}]}
     (rec,) = fallback_vs_sqnr(results)
     assert rec["worst_sqnr"] == ["g_a.0", "g_s.0"] and rec["overlap"] == 1 and rec["conv_layers"] == 4
+
+
+def test_codec_bench_report_gives_file_and_payload_bd_rates(tmp_path: Path) -> None:
+    """The file BD-rate counts the .lic container's fixed bytes; the payload BD-rate is the streams' own."""
+    from lic_deploy.bench.codec_bench import _report
+
+    def entry(bpp: float, payload: float, psnr: float) -> dict[str, float]:
+        return {"bpp": bpp, "payload_bpp": payload, "psnr": psnr, "enc_s": 1.0, "dec_s": 1.0}
+
+    models = {f"m{i}": {"summary": {"compressai": entry(r, r, p), "lic-ort-fp32": entry(r + 0.01, r, p)}}
+              for i, (r, p) in enumerate(zip(*README_ANCHOR, strict=True))}
+    results = {"images": ["a.png"], "threads": 2, "models": models}
+    _report(results, tmp_path)
+    assert results["payload_bd_rate_vs_compressai_percent"]["lic-ort-fp32"] == pytest.approx(0, abs=1e-9)
+    assert results["bd_rate_vs_compressai_percent"]["lic-ort-fp32"] > 0  # the container's bytes cost rate
+    text = (tmp_path / "report.md").read_text()
+    assert "payload only" in text and json.loads((tmp_path / "results.json").read_text())["models"]
