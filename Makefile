@@ -128,7 +128,8 @@ bench-tcm: $(STAMP)
 	$(PY) -m lic_deploy.bench.speed_bench $(RUNS)/tcm/tcm-small-soap-ft-$(TCM_BASE).pt \
 		$(RUNS)/tcm/tcm-small-adam-ft-$(TCM_BASE).pt --data $(DATA)/kodak --images 2 --repeat 2 --paths ort:fp32 \
 		--out $(OUT)/bench-tcm-speed
-	$(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --images 8 --calib calib/train-64.json \
+	LIC_DEPLOY_DATA=$(abspath $(DATA)) $(VENV)/bin/lic-deploy bench $(TCM_CKPTS) --data $(DATA)/kodak --images 8 \
+		--calib calib/train-64.json \
 		--precisions fp32,int8 --calib-methods minmax --backends ort --repeat 1 --outlier-images 2 --resume \
 		-o $(OUT)/bench-tcm
 	$(VENV)/bin/lic-deploy report $(OUT)/bench-tcm/results.json
