@@ -271,10 +271,11 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
+    init = resumed[1].get("init") if resumed else None  # where the run started from, kept through resumes
     if resumed:
         start, seconds = _resume(cfg, model, opt, aux_opt, resumed, schedule.record(cfg.steps))
     elif cfg.init:
-        _init_weights(cfg, model)
+        init = _init_weights(cfg, model)
     model.train()
     forward = distributed.wrap(model, world, [n for n, _ in model.named_parameters() if n.endswith(".quantiles")])
 
@@ -285,10 +286,8 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
             "batch": cfg.batch, "patch": cfg.patch, "downscale": cfg.downscale, "data_hash": dataset.hash,
             "data_images": len(dataset), "schedule": schedule.record(cfg.steps), "world_size": world.size,
             "device": world.device, "amp": cfg.amp, "config": asdict(cfg)}
-    if cfg.init:
-        meta["init"] = _init_record(cfg.init)
-    elif resumed and "init" in resumed[1]:
-        meta["init"] = resumed[1]["init"]
+    if init:
+        meta["init"] = init
 
     def save(step: int) -> None:
         if world.main:
@@ -410,8 +409,9 @@ def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, checkpoint: tu
     return int(meta.get("steps", 0)), float(meta.get("seconds", 0.0))
 
 
-def _init_weights(cfg: TrainConfig, model: Any) -> None:
-    """Load cfg.init's weights into `model` (built from cfg); CheckpointError if its architecture or shapes differ."""
+def _init_weights(cfg: TrainConfig, model: Any) -> dict[str, Any]:
+    """Load cfg.init's weights into `model` (built from cfg); CheckpointError if its architecture or shapes differ.
+    Returns what the run started from: the checkpoint's path, steps, optimizer and lambda."""
     import torch
 
     from lic_deploy.archs.checkpoint import read_checkpoint
@@ -424,14 +424,7 @@ def _init_weights(cfg: TrainConfig, model: Any) -> None:
     except RuntimeError as exc:
         raise CheckpointError(f"{cfg.init}: its weights do not fit {cfg.arch} {cfg.arch_config()} "
                               f"({str(exc).splitlines()[0][:160]})") from None
-
-
-def _init_record(path: str) -> dict[str, Any]:
-    """What a run started from: the checkpoint's path, steps, optimizer and lambda (kept through resumes)."""
-    from lic_deploy.archs.checkpoint import read_checkpoint
-
-    meta = read_checkpoint(Path(path))[1]
-    return {"path": str(path), **{k: meta[k] for k in ("steps", "optimizer", "lmbda") if k in meta}}
+    return {"path": str(cfg.init), **{k: meta[k] for k in ("steps", "optimizer", "lmbda") if k in meta}}
 
 
 def default_threads() -> int:
