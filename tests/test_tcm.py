@@ -367,6 +367,7 @@ def test_ablation_variants_code_real_streams(package_tcm: Path, tcm_image: np.nd
     from lic_deploy.archs.checkpoint import load_model
     from lic_deploy.bench.tcm_ablation import VARIANTS, AblatedTcm, measure, report
     from lic_deploy.entropy.bitstream import unpack
+    from lic_deploy.entropy.model import hs_input
     from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.images import psnr, to_uint8
     from lic_deploy.runtime.package import Package
@@ -391,8 +392,9 @@ def test_ablation_variants_code_real_streams(package_tcm: Path, tcm_image: np.nd
     for name in ("integer", "float-all"):
         entropy = AblatedTcm(codec.package.entropy, model, VARIANTS[name])
         y_hat = entropy.encode(y[0], z[0]).y_hat
+        z_hat = hs_input(entropy.z_symbols(z[0]), entropy.median_fp, entropy.z_frac_bits) / 2**entropy.z_frac_bits
         with torch.no_grad():
-            ref_y_hat = model.reference_slices(torch.from_numpy(y), torch.from_numpy(entropy._z_hat[None]).float())[0]
+            ref_y_hat = model.reference_slices(torch.from_numpy(y), torch.from_numpy(z_hat[None]).float())[0]
         errors[name] = np.abs(y_hat - ref_y_hat[0].numpy()) * (1 << entropy.param_frac_bits)
     # in units of y_hat's fixed point: float-all within one unit almost everywhere, the integer path not
     assert np.mean(errors["float-all"] <= 1.01) > 0.99 and np.mean(errors["integer"] <= 1.01) < 0.9

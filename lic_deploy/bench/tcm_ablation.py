@@ -30,7 +30,7 @@ import numpy as np
 from lic_deploy.bench.bdrate import try_bd_rate
 from lic_deploy.bench.latency import format_table
 from lic_deploy.entropy.model import hs_input
-from lic_deploy.entropy.tcm import Step, TcmEntropyModel
+from lic_deploy.entropy.tcm import TcmEntropyModel
 from lic_deploy.runtime.images import list_images, load_rgb, psnr, to_uint8
 
 FLOAT_PARTS = ("mu", "scale", "lrp")
@@ -46,44 +46,45 @@ class AblatedTcm(TcmEntropyModel):
         self.model, self.floats = model, floats
 
     def _hyper_synthesis(self, z_sym: np.ndarray) -> np.ndarray:
-        self._z_hat = hs_input(z_sym, self.median_fp, self.z_frac_bits) / float(1 << self.z_frac_bits)
+        if self.floats:  # the float hyper synthesis on the same z_hat
+            import torch
+
+            z_hat = hs_input(z_sym, self.median_fp, self.z_frac_bits) / float(1 << self.z_frac_bits)
+            with torch.no_grad():
+                z = torch.from_numpy(z_hat.astype(np.float32))[None]
+                self._f_lm, self._f_ls = self.model.h_mean_s(z), self.model.h_scale_s(z)
         return super()._hyper_synthesis(z_sym)
 
-    def _code(self, side: np.ndarray, step: Step) -> np.ndarray:
+    def _fixed(self, t: Any) -> np.ndarray:
+        """A float tensor [1, C, H, W] in y_hat's fixed point (P fractional bits), rounded half up."""
+        return np.floor(t[0].double().numpy() * (1 << self.param_frac_bits) + 0.5).astype(np.int64)
+
+    def _tensor(self, y_fp: np.ndarray) -> Any:
         import torch
 
-        if not self.floats:
-            return super()._code(side, step)
-        one = 1 << self.param_frac_bits
+        return torch.from_numpy(self._as_float(y_fp))[None]
 
-        def fixed(t: torch.Tensor) -> np.ndarray:
-            return np.floor(t[0].double().numpy() * one + 0.5).astype(np.int64)
+    def _slice_params(self, i: int, lm: np.ndarray, ls: np.ndarray, done: list[np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import torch
 
-        def tensor(y_fp: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(self._as_float(y_fp))[None]
+        mu, scale, support = super()._slice_params(i, lm, ls, done)
+        if self.floats:
+            with torch.no_grad():  # the float networks on the integer path's own decoded y_hat
+                f_mu, f_scale, self._f_support = self.model.slice_params(
+                    i, self._f_lm, self._f_ls, [self._tensor(v) for v in done])
+            mu = self._fixed(f_mu) if "mu" in self.floats else mu
+            scale = self._fixed(f_scale) if "scale" in self.floats else scale
+        return mu, scale, support
 
-        m = self.y_channels
-        lm, ls = side[:m], side[m:]
+    def _lrp_delta(self, i: int, support: np.ndarray, y_fp: np.ndarray) -> np.ndarray:
+        import torch
+
+        if "lrp" not in self.floats:
+            return super()._lrp_delta(i, support, y_fp)
         with torch.no_grad():
-            z_hat = torch.from_numpy(self._z_hat.astype(np.float32))[None]
-            f_lm, f_ls = self.model.h_mean_s(z_hat), self.model.h_scale_s(z_hat)
-            done: list[np.ndarray] = []
-            for i in range(self.slices):
-                prog = self.slice_nets[i]
-                feeds = [lm, ls, *(self.ctx(v) for v in done)]
-                mu, scale, support = prog.run(dict(zip(prog.inputs, feeds, strict=True)), self.outputs[f"slice{i}"])
-                f_mu, f_scale, f_support = self.model.slice_params(i, f_lm, f_ls, [tensor(v) for v in done])
-                mu = fixed(f_mu) if "mu" in self.floats else mu
-                scale = fixed(f_scale) if "scale" in self.floats else scale
-                y_fp = step(i, self.table_index(scale), mu) * one + mu
-                if "lrp" in self.floats:
-                    delta = fixed(self.model.lrp(i, f_support, tensor(y_fp)) - tensor(y_fp))
-                else:
-                    lrp = self.lrp_nets[i]
-                    (delta,) = lrp.run(dict(zip(lrp.inputs, [support, self.ctx(y_fp)], strict=True)),
-                                       self.outputs[f"lrp{i}"])
-                done.append(y_fp + delta)
-        return np.concatenate(done)
+            y_hat = self._tensor(y_fp)
+            return self._fixed(self.model.lrp(i, self._f_support, y_hat) - y_hat)
 
 
 def measure(package: Path, model: Any, images: list[np.ndarray], threads: int = 2,

@@ -84,18 +84,28 @@ class TcmEntropyModel(EntropyModel):
         done: list[np.ndarray] = []
         for i in range(self.slices):
             t0 = time.perf_counter()
-            prog = self.slice_nets[i]
-            feeds = [lm, ls, *(self.ctx(v) for v in done)]
-            mu, scale, support = prog.run(dict(zip(prog.inputs, feeds, strict=True)), self.outputs[f"slice{i}"])
+            mu, scale, support = self._slice_params(i, lm, ls, done)
             t1 = time.perf_counter()
             y_sym = step(i, self.table_index(scale), mu)
             y_fp = y_sym * (1 << self.param_frac_bits) + mu
             t2 = time.perf_counter()
-            lrp = self.lrp_nets[i]
-            (delta,) = lrp.run(dict(zip(lrp.inputs, [support, self.ctx(y_fp)], strict=True)), self.outputs[f"lrp{i}"])
-            done.append(y_fp + delta)
+            done.append(y_fp + self._lrp_delta(i, support, y_fp))
             self.hs_seconds += (t1 - t0) + (time.perf_counter() - t2)
         return np.concatenate(done)
+
+    def _slice_params(self, i: int, lm: np.ndarray, ls: np.ndarray, done: list[np.ndarray]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slice i's (mu, scale, mean support) from the latent means and scales and the earlier slices' y_hat."""
+        prog = self.slice_nets[i]
+        feeds = [lm, ls, *(self.ctx(v) for v in done)]
+        mu, scale, support = prog.run(dict(zip(prog.inputs, feeds, strict=True)), self.outputs[f"slice{i}"])
+        return mu, scale, support
+
+    def _lrp_delta(self, i: int, support: np.ndarray, y_fp: np.ndarray) -> np.ndarray:
+        """Slice i's latent residual prediction (0.5 tanh, P fractional bits), added to its y_hat."""
+        lrp = self.lrp_nets[i]
+        (delta,) = lrp.run(dict(zip(lrp.inputs, [support, self.ctx(y_fp)], strict=True)), self.outputs[f"lrp{i}"])
+        return delta
 
     def encode_y(self, y: np.ndarray, side: np.ndarray, escapes: list[int]) -> tuple[list[bytes], np.ndarray]:
         s = self.y_channels // self.slices
