@@ -127,10 +127,13 @@ def main() -> None:
             for key, codec in variants.items():
                 rows[key].append(lic_run(codec, img))
             rows["compressai"].append(compressai_run(model, pad(img)[0][None], *img.shape[1:]))
-        summary = {k: {"bpp": float(np.mean([8 * r["bytes"] / (i.shape[1] * i.shape[2])
-                                             for r, i in zip(v, images, strict=True)])),
-                       "payload_bpp": float(np.mean([8 * r.get("payload_bytes", r["bytes"]) / (i.shape[1] * i.shape[2])
-                                                     for r, i in zip(v, images, strict=True)])),
+
+        def mean_bpp(v: list[dict[str, float]], key: str) -> float:
+            """Mean bits per pixel of `key` bytes (CompressAI's rows have only `bytes`: all payload)."""
+            return float(np.mean([8 * r.get(key, r["bytes"]) / (i.shape[1] * i.shape[2])
+                                  for r, i in zip(v, images, strict=True)]))
+
+        summary = {k: {"bpp": mean_bpp(v, "bytes"), "payload_bpp": mean_bpp(v, "payload_bytes"),
                        "psnr": float(np.mean([r["psnr"] for r in v])),
                        "enc_s": statistics.median(r["enc_s"] for r in v),
                        "dec_s": statistics.median(r["dec_s"] for r in v)} for k, v in rows.items()}
