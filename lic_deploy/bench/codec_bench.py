@@ -52,6 +52,12 @@ def lic_run(codec: Any, image: np.ndarray) -> dict[str, float]:
             "payload_bytes": sum(len(p) for p in unpack(data)[1])}
 
 
+def _mean_bpp(rows: list[dict[str, float]], images: list[np.ndarray], key: str) -> float:
+    """Mean bits per pixel of each row's `key` bytes (CompressAI's rows have only `bytes`: all payload)."""
+    return float(np.mean([8 * r.get(key, r["bytes"]) / (i.shape[1] * i.shape[2])
+                          for r, i in zip(rows, images, strict=True)]))
+
+
 def coder_throughput(package: Path, image: np.ndarray, model: Any) -> dict[str, float]:
     """Symbols per second of both coders on one image's y symbols and table indexes (median of 5 runs)."""
     from compressai.ans import RansDecoder, RansEncoder
@@ -127,13 +133,7 @@ def main() -> None:
             for key, codec in variants.items():
                 rows[key].append(lic_run(codec, img))
             rows["compressai"].append(compressai_run(model, pad(img)[0][None], *img.shape[1:]))
-
-        def mean_bpp(v: list[dict[str, float]], key: str) -> float:
-            """Mean bits per pixel of `key` bytes (CompressAI's rows have only `bytes`: all payload)."""
-            return float(np.mean([8 * r.get(key, r["bytes"]) / (i.shape[1] * i.shape[2])
-                                  for r, i in zip(v, images, strict=True)]))
-
-        summary = {k: {"bpp": mean_bpp(v, "bytes"), "payload_bpp": mean_bpp(v, "payload_bytes"),
+        summary = {k: {"bpp": _mean_bpp(v, images, "bytes"), "payload_bpp": _mean_bpp(v, images, "payload_bytes"),
                        "psnr": float(np.mean([r["psnr"] for r in v])),
                        "enc_s": statistics.median(r["enc_s"] for r in v),
                        "dec_s": statistics.median(r["dec_s"] for r in v)} for k, v in rows.items()}
