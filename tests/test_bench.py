@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lic_deploy.bench.bdrate import bd_rate, try_bd_rate
+from lic_deploy.bench.bdrate import bd_rate, bd_text, try_bd_rate
 from lic_deploy.bench.metrics import MS_SSIM_MIN_SIDE, bpp, ms_ssim, psnr
 from lic_deploy.bench.outliers import Accumulator, tensor_stats
 from tests.conftest import make_checkpoint, write_images
@@ -50,12 +50,15 @@ def test_bd_rate_documented_example() -> None:
 
 def test_try_bd_rate_says_why_a_curve_has_none() -> None:
     """Under-trained models give RD points whose PSNR falls as rate rises (TCM's Adam set): no BD-rate, a reason."""
-    value, text = try_bd_rate(*README_ANCHOR, *README_TEST)
-    assert value == pytest.approx(README_PCHIP, abs=1e-9) and text == f"{value:+.3f} %"
+    value, why = try_bd_rate(*README_ANCHOR, *README_TEST)
+    assert value == pytest.approx(README_PCHIP, abs=1e-9) and why == ""
+    assert bd_text(value, why) == f"{value:+.3f} %"
     rate, psnr = list(README_TEST[0]), list(README_TEST[1])
     psnr[2], psnr[3] = psnr[3], psnr[2]  # PSNR falls between the two highest rates
-    assert try_bd_rate(*README_ANCHOR, rate, psnr) == (None, "n/a (PSNR does not increase with rate on every curve)")
-    assert try_bd_rate(README_ANCHOR[0][:3], README_ANCHOR[1][:3], rate[:3], psnr[:3])[0] is None
+    assert try_bd_rate(*README_ANCHOR, rate, psnr) == (None, "PSNR does not rise with rate along a curve")
+    assert bd_text(None, "why") == "n/a (why)"
+    assert try_bd_rate(README_ANCHOR[0][:3], README_ANCHOR[1][:3], rate[:3], psnr[:3]) == (
+        None, "fewer than four rate-distortion points per curve")
 
 
 def test_bd_rate_hand_computed() -> None:

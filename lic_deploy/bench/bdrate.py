@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,17 +25,21 @@ def bd_rate(rate_anchor: Sequence[float], psnr_anchor: Sequence[float], rate_tes
 
 def try_bd_rate(rate_anchor: Sequence[float], psnr_anchor: Sequence[float], rate_test: Sequence[float],
                 psnr_test: Sequence[float]) -> tuple[float | None, str]:
-    """(BD-rate in percent, its text), or (None, why it is undefined): too few points, PSNR not increasing
-    with rate on either curve (an RD curve of under-trained models), or ranges that do not meet."""
-    for rate, psnr in ((rate_anchor, psnr_anchor), (rate_test, psnr_test)):
-        r, p = _sorted(rate, psnr)
-        if len(r) >= 2 and (np.any(np.diff(r) <= 0) or np.any(np.diff(p) <= 0)):
-            return None, "n/a (PSNR does not increase with rate on every curve)"
+    """(BD-rate in percent, "") or (None, why it is undefined): fewer than four points, PSNR not rising with
+    rate along a curve (pchip needs it; under-trained models give such curves), or PSNR ranges that do not
+    meet (bjontegaard returns NaN). bjontegaard's warnings pass through to the caller."""
+    if min(len(rate_anchor), len(rate_test)) < 4:
+        return None, "fewer than four rate-distortion points per curve"
     try:
         value = bd_rate(rate_anchor, psnr_anchor, rate_test, psnr_test)
-    except (ValueError, AssertionError) as exc:
-        return None, f"n/a ({exc})"
-    return (value, f"{value:+.3f} %") if np.isfinite(value) else (None, "n/a (the PSNR ranges do not meet)")
+    except (ValueError, AssertionError):
+        return None, "PSNR does not rise with rate along a curve"
+    return (value, "") if math.isfinite(value) else (None, "the curves' PSNR ranges do not overlap")
+
+
+def bd_text(value: float | None, why: str) -> str:
+    """try_bd_rate's result for a report line: "+1.234 %" or "n/a (why)"."""
+    return f"{value:+.3f} %" if value is not None else f"n/a ({why})"
 
 
 def _sorted(rate: Sequence[float], psnr: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.bench.bdrate import try_bd_rate
+from lic_deploy.bench.bdrate import bd_text, try_bd_rate
 from lic_deploy.bench.latency import format_table, median_seconds
 from lic_deploy.entropy.bitstream import unpack
 from lic_deploy.runtime.images import list_images, load_rgb, pad_to_multiple, psnr, to_uint8
@@ -169,13 +169,13 @@ def _report(results: dict[str, Any], out: Path) -> None:
         bd = {k: try_bd_rate(*curve["compressai"], *curve[k]) for k in curve if k != "compressai"}
         results["bd_rate_vs_compressai_percent"] = {k: v for k, (v, _) in bd.items()}
         lines.append("BD-rate (pchip) against CompressAI's float entropy path, same model, real bitstreams:")
-        lines += [f"  {k}: {text}" for k, (_, text) in bd.items()]
+        lines += [f"  {k}: {bd_text(*v)}" for k, v in bd.items()]
         # the streams alone: the entropy path's own cost, without the .lic container's fixed bytes
         payload = {k: try_bd_rate(*curve["compressai"], [m["summary"][k]["payload_bpp"] for m in models.values()],
                                   curve[k][1]) for k in curve if k != "compressai"}
         results["payload_bd_rate_vs_compressai_percent"] = {k: v for k, (v, _) in payload.items()}
         lines.append("the same, payload only (the streams without the .lic container):")
-        lines += [f"  {k}: {text}" for k, (_, text) in payload.items()]
+        lines += [f"  {k}: {bd_text(*v)}" for k, v in payload.items()]
     c = results.get("coder")
     if c is not None:
         lines.append(f"entropy coder on {c['symbols']} y symbols: constriction {c['constriction_enc_msym_s']:.1f} / "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.bench.bdrate import bd_rate
+from lic_deploy.bench.bdrate import bd_rate, try_bd_rate
 from lic_deploy.bench.bootstrap import (
     PairedBootstrap,
     excludes_zero,
@@ -132,20 +132,16 @@ def compare(anchor: Mapping[float, Mapping[str, Any]], test: Mapping[float, Mapp
     out: dict[str, Any] = {"lambdas": common, "points": points, "bd_rate_pct": None, "bd_rate_ci": None,
                            "method": "per-point"}
     if len(common) >= MIN_BD_POINTS:
-        try:
-            with warnings.catch_warnings(record=True) as caught:  # bjontegaard warns about a small overlap
-                warnings.simplefilter("always")
-                value = bd_rate([p["anchor_bpp"] for p in points], [p["anchor_psnr"] for p in points],
-                                [p["bpp"] for p in points], [p["psnr"] for p in points])
-            if not math.isfinite(value):  # bjontegaard returns NaN when the PSNR ranges do not meet
-                out["note"] = "BD-rate n/a: the curves' PSNR ranges do not overlap"
-                return out
-            out["bd_rate_pct"], out["method"] = value, "bd-rate (pchip, PSNR)"
-            if caught:
-                out["note"] = "; ".join(str(w.message) for w in caught)
-        except (ValueError, AssertionError):  # pchip needs PSNR to rise with rate along each curve
-            out["note"] = "BD-rate n/a: PSNR does not rise with rate along a curve"
+        with warnings.catch_warnings(record=True) as caught:  # bjontegaard warns about a small overlap
+            warnings.simplefilter("always")
+            value, why = try_bd_rate([p["anchor_bpp"] for p in points], [p["anchor_psnr"] for p in points],
+                                     [p["bpp"] for p in points], [p["psnr"] for p in points])
+        if value is None:
+            out["note"] = f"BD-rate n/a: {why}"
             return out
+        out["bd_rate_pct"], out["method"] = value, "bd-rate (pchip, PSNR)"
+        if caught:
+            out["note"] = "; ".join(str(w.message) for w in caught)
         stat = data.bd_stat(points)
         out["bd_rate_ci"] = data.boot.interval_each(stat) if stat else None
     return out

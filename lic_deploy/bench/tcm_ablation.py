@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lic_deploy.bench.bdrate import try_bd_rate
+from lic_deploy.bench.bdrate import bd_text, try_bd_rate
 from lic_deploy.bench.latency import format_table
 from lic_deploy.entropy.model import hs_input
 from lic_deploy.entropy.tcm import TcmEntropyModel
@@ -120,7 +120,7 @@ def report(results: dict[str, dict[str, dict[str, float]]]) -> str:
             return [r[name]["bpp"] for r in results.values()], [r[name]["psnr"] for r in results.values()]
 
         lines.append("BD-rate (pchip) against float-all (the float entropy networks), same models and images:")
-        lines += [f"  {name}: {try_bd_rate(*curve('float-all'), *curve(name))[1]}" for name in VARIANTS
+        lines += [f"  {name}: {bd_text(*try_bd_rate(*curve('float-all'), *curve(name)))}" for name in VARIANTS
                   if name != "float-all"]
     return "\n".join(lines)
 
