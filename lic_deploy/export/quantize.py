@@ -112,7 +112,9 @@ def calibrated_ranges(fp32_path: Path, calib_inputs: Sequence[np.ndarray], metho
         for start in range(0, len(calib_inputs), CALIB_CHUNK):
             calibrator.collect_data(_Reader(calib_inputs[start:start + CALIB_CHUNK]))
         data = calibrator.compute_data()
-    return {name: (float(r.range_value[0]), float(r.range_value[1])) for name, r in data.data.items()}
+    # range_value holds one-element arrays (histogram methods) or scalars (min-max): .item() takes either
+    return {name: (np.asarray(r.range_value[0]).item(), np.asarray(r.range_value[1]).item())
+            for name, r in data.data.items()}
 
 
 def activation_ranges(int8_path: Path) -> dict[str, float]:
