@@ -28,10 +28,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(variants: list[tuple[str, str]], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Median whole-step and optimizer-part milliseconds of each (optimizer, SOAP implementation) on one fixed
-    random batch, the variants' steps interleaved (one of each per round) so that load on the machine hits all
-    alike."""
+def time_steps(variants: list[tuple[str, str, bool]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median whole-step and optimizer-part milliseconds of each (optimizer, SOAP implementation, bfloat16
+    products) on one fixed random batch, the variants' steps interleaved (one of each per round) so that load on
+    the machine hits all alike."""
     import torch
 
     from lic_deploy.archs.registry import get_adapter
@@ -39,10 +39,10 @@ def time_steps(variants: list[tuple[str, str]], args: argparse.Namespace) -> lis
     from lic_deploy.train.optim import build_optimizer, split_parameters
 
     runs = []
-    for optimizer, impl in variants:
+    for optimizer, impl, bf16 in variants:
         torch.manual_seed(0)
         model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
-        opt, hp = build_optimizer(optimizer, split_parameters(model)[0], soap_impl=impl)
+        opt, hp = build_optimizer(optimizer, split_parameters(model)[0], soap_impl=impl, soap_bf16=bf16)
         runs.append((model, opt, hp.get("precondition_frequency", 1), [], []))
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)
     period = max(r[2] for r in runs)
@@ -62,11 +62,11 @@ def time_steps(variants: list[tuple[str, str]], args: argparse.Namespace) -> lis
                 steps.append(t2 - t0)
                 opt_part.append(t2 - t1)
     # the optimizer part's mean over whole frequency periods (the periodic eigenbasis update included)
-    return [{"optimizer": optimizer if optimizer == "adam" else f"soap ({impl})",
+    return [{"optimizer": optimizer if optimizer == "adam" else f"soap ({impl}{', bf16' if bf16 else ''})",
              "step_ms": 1000 * statistics.median(steps), "steps_per_s": 1 / statistics.median(steps),
              "optimizer_ms": 1000 * statistics.fmean(opt_part),
              "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
-            for (optimizer, impl), (_, _, freq, steps, opt_part) in zip(variants, runs, strict=True)]
+            for (optimizer, impl, bf16), (_, _, freq, steps, opt_part) in zip(variants, runs, strict=True)]
 
 
 def time_pipeline(args: argparse.Namespace, workers: int) -> float:
@@ -106,18 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     flush_denormals()  # as training does
-    rows = time_steps([("adam", ""), ("soap", "lic-deploy"), ("soap", "pytorch-optimizer")], args)
-    adam, soap, reference = rows
+    rows = time_steps([("adam", "", False), ("soap", "lic-deploy", False), ("soap", "lic-deploy", True),
+                       ("soap", "pytorch-optimizer", False)], args)
+    adam, soap, soap_bf16, reference = rows
     print(f"training step, mbt2018-mean N={args.N} M={args.M}, batch {args.batch}, {args.patch} px, {args.device}, "
           f"{args.threads} threads (medians; optimizer part: mean over whole SOAP precondition periods):")
     print(format_table(["optimizer", "step ms", "steps/s", "optimizer part ms", "optimizer part median ms"],
                        [[r["optimizer"], r["step_ms"], r["steps_per_s"], r["optimizer_ms"], r["optimizer_median_ms"]]
                         for r in rows]))
-    for r in (soap, reference):
+    for r in (soap, soap_bf16, reference):
         print(f"{r['optimizer']} / Adam: whole step {r['step_ms'] / adam['step_ms']:.3f}x, "
               f"optimizer part {r['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
-    ratio = soap["optimizer_ms"] / reference["optimizer_ms"]
-    print(f"optimizer part, lic-deploy's SOAP / pytorch-optimizer's: {ratio:.3f}")
+    for r in (soap, soap_bf16):
+        ratio = r["optimizer_ms"] / reference["optimizer_ms"]
+        print(f"optimizer part, {r['optimizer']} / pytorch-optimizer's: {ratio:.3f}")
     if args.data:
         counts = [int(w) for w in args.workers.split(",")]
         rates = [time_pipeline(args, w) for w in counts]

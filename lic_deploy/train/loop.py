@@ -73,6 +73,7 @@ class TrainConfig:
     workers: int = 0  # DataLoader worker processes (stream mode)
     small: str = "skip"  # images smaller than the crop (stream mode): skip | upscale
     soap_impl: str = "lic-deploy"  # or "pytorch-optimizer" (the same updates); a resume keeps the run's own
+    soap_bf16: bool = False  # lic-deploy's SOAP with bfloat16 products for conv weights; a resume keeps the run's own
 
     def arch_config(self) -> dict[str, int]:
         """The architecture config the model is built from and saved with."""
@@ -265,10 +266,14 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
         autocast_transforms(model, world.device)
     params, aux_params = split_parameters(model)
     resumed = read_checkpoint(Path(cfg.resume)) if cfg.resume else None  # (state, metadata)
-    impl = cfg.soap_impl
+    impl, bf16 = cfg.soap_impl, cfg.soap_bf16
     if resumed:  # the implementation the run started with (before it was recorded: pytorch-optimizer's)
-        impl = (resumed[1].get("hyperparameters") or {}).get("implementation", "pytorch-optimizer")
-    opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl)
+        saved = resumed[1].get("hyperparameters") or {}
+        impl, bf16 = saved.get("implementation", "pytorch-optimizer"), saved.get("bf16_matmul", False)
+    try:
+        opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl, bf16)
+    except ValueError as exc:
+        raise LicError(str(exc)) from None
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
     init = resumed[1].get("init") if resumed else None  # where the run started from, kept through resumes

@@ -35,19 +35,26 @@ SOAP_IMPLS = ("lic-deploy", "pytorch-optimizer")  # the first is the default (tr
 
 
 def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float | None = None,
-                    soap_impl: str = SOAP_IMPLS[0]) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """The main optimizer and its hyperparameters (for checkpoint metadata; SOAP's include `implementation`)."""
+                    soap_impl: str = SOAP_IMPLS[0], soap_bf16: bool = False
+                    ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
+    """The main optimizer and its hyperparameters (for checkpoint metadata; SOAP's include `implementation`).
+    `soap_bf16`: lic-deploy's SOAP with its convolution weights' rotations and statistics as bfloat16 GEMMs."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     hp = {**DEFAULTS[name], **({"lr": lr} if lr else {})}
     if name == "adam":
+        if soap_bf16:
+            raise ValueError("bfloat16 products are an option of SOAP, not of adam")
         return torch.optim.Adam(params, **hp), hp
     if soap_impl == "lic-deploy":
         from lic_deploy.train.soap import SOAP as LicSOAP
 
+        hp["bf16_matmul"] = soap_bf16
         return LicSOAP(params, **hp), {**hp, "implementation": soap_impl}
     if soap_impl != "pytorch-optimizer":
         raise ValueError(f"unknown SOAP implementation {soap_impl!r}; choose from {', '.join(SOAP_IMPLS)}")
+    if soap_bf16:
+        raise ValueError("bfloat16 SOAP products need lic-deploy's SOAP implementation")
     from pytorch_optimizer import SOAP
 
     return SOAP(params, **hp), {**hp, "implementation": soap_impl}

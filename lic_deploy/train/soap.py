@@ -42,31 +42,33 @@ def _layout(factors: list[torch.Tensor | None]) -> int:
     return int(len(factors) == 4 and all(f is not None for f in factors))
 
 
-def _to_eigen_4d(g: torch.Tensor, q: list[torch.Tensor], gg: list[torch.Tensor] | None = None, weight: float = 0.0
-                 ) -> torch.Tensor:
-    """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b]; with `gg`, each factor statistic lerps towards
-    its dim's g_(i) g_(i)^T by `weight` on the way."""
+def _to_eigen_4d(g: torch.Tensor, q: list[torch.Tensor], gg: list[torch.Tensor] | None = None, weight: float = 0.0,
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b] in g's dtype, the products in `dtype` (default g's);
+    with `gg`, each factor statistic lerps towards its dim's g_(i) g_(i)^T by `weight` on the way."""
     a, b, k1, k2 = g.shape
     c = k1 * k2
-    ga = g.reshape(a, b * c)
-    t1 = (ga.T @ q[0]).view(b, c * a)  # [b, k1, k2, a]: a rotated
-    t2 = (t1.T @ q[1]).view(c, a * b)  # [k1, k2, a, b]: a and b rotated
+    dtype = dtype or g.dtype
+    ga = g.reshape(a, b * c).to(dtype)
+    t1 = (ga.T @ q[0].to(dtype)).view(b, c * a)  # [b, k1, k2, a]: a rotated
+    t2 = (t1.T @ q[1].to(dtype)).view(c, a * b)  # [k1, k2, a, b]: a and b rotated
     if gg is not None:
-        gg[0].lerp_(ga @ ga.T, weight)
-        gg[1].lerp_(t1 @ t1.T, weight)
-        kk = (t2 @ t2.T).view(k1, k2, k1, k2)
+        gg[0].lerp_((ga @ ga.T).to(g.dtype), weight)
+        gg[1].lerp_((t1 @ t1.T).to(g.dtype), weight)
+        kk = (t2 @ t2.T).to(g.dtype).view(k1, k2, k1, k2)
         gg[2].lerp_(torch.einsum("iljl->ij", kk), weight)
         gg[3].lerp_(torch.einsum("lilj->ij", kk), weight)
-    return (torch.kron(q[2], q[3]).T @ t2).view(k1, k2, a, b)
+    return (torch.kron(q[2], q[3]).T.to(dtype) @ t2).view(k1, k2, a, b).to(g.dtype)
 
 
-def _from_eigen_4d(t: torch.Tensor, q: list[torch.Tensor]) -> torch.Tensor:
-    """Q t for t in the [k1, k2, a, b] layout; returns [a, b, k1, k2]."""
+def _from_eigen_4d(t: torch.Tensor, q: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Q t for t in the [k1, k2, a, b] layout; returns [a, b, k1, k2] in `dtype` (default t's), the products' dtype."""
     k1, k2, a, b = t.shape
     c = k1 * k2
-    u = t.reshape(c * a, b) @ q[1].T  # b rotated back, in place
-    u = u.view(c, a * b).T @ torch.kron(q[2], q[3]).T  # [a, b, k1, k2]: kernel dims rotated back
-    return (q[0] @ u.view(a, b * c)).view(a, b, k1, k2)
+    dtype = dtype or t.dtype
+    u = t.reshape(c * a, b).to(dtype) @ q[1].T.to(dtype)  # b rotated back
+    u = u.view(c, a * b).T @ torch.kron(q[2], q[3]).T.to(dtype)  # [a, b, k1, k2]: kernel dims rotated back
+    return (q[0].to(dtype) @ u.view(a, b * c)).view(a, b, k1, k2)
 
 
 class SOAP(torch.optim.Optimizer):
@@ -74,13 +76,13 @@ class SOAP(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
-                 precondition_frequency: int = 10, max_precondition_dim: int = 10000, merge_dims: bool = False
-                 ) -> None:
+                 precondition_frequency: int = 10, max_precondition_dim: int = 10000, merge_dims: bool = False,
+                 bf16_matmul: bool = False) -> None:
         if merge_dims:
             raise ValueError("this SOAP implements merge_dims=False only")
         defaults = {"lr": lr, "betas": betas, "shampoo_beta": shampoo_beta, "eps": eps, "weight_decay": weight_decay,
                     "precondition_frequency": precondition_frequency, "max_precondition_dim": max_precondition_dim,
-                    "merge_dims": False, "step": 0}
+                    "merge_dims": False, "bf16_matmul": bf16_matmul, "step": 0}
         super().__init__(params, defaults)
 
     @staticmethod
@@ -95,21 +97,22 @@ class SOAP(torch.optim.Optimizer):
         return t
 
     @classmethod
-    def _to_eigen(cls, g: torch.Tensor, state: dict[str, Any], q: list[torch.Tensor | None] | None = None,
-                  beta: float | None = None) -> torch.Tensor:
-        """g in the eigenbasis (in the state's layout); with `beta`, the factor statistics are updated too."""
-        q = state["Q"] if q is None else q
+    def _to_eigen(cls, g: torch.Tensor, state: dict[str, Any], beta: float | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+        """g in the eigenbasis (in the state's layout); with `beta`, the factor statistics are updated too. `dtype`:
+        a 4-D weight's products (default g's)."""
         if state["layout"]:
-            return _to_eigen_4d(g, q, state["GG"] if beta is not None else None, 1.0 - (beta or 0.0))  # type: ignore[arg-type]
+            gg = state["GG"] if beta is not None else None
+            return _to_eigen_4d(g, state["Q"], gg, 1.0 - (beta or 0.0), dtype)
         if beta is not None:
             cls._accumulate(g, state["GG"], beta)
-        return cls._rotate(g, q)
+        return cls._rotate(g, state["Q"])
 
     @classmethod
-    def _from_eigen(cls, t: torch.Tensor, state: dict[str, Any], q: list[torch.Tensor | None] | None = None
-                    ) -> torch.Tensor:
-        q = state["Q"] if q is None else q
-        return _from_eigen_4d(t, q) if state["layout"] else cls._rotate(t, q, back=True)  # type: ignore[arg-type]
+    def _from_eigen(cls, t: torch.Tensor, state: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tensor:
+        if state["layout"]:
+            return _from_eigen_4d(t, state["Q"], dtype)
+        return cls._rotate(t, state["Q"], back=True)
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], merge_dims: bool = False,
                 max_precondition_dim: int = 10000, project_type: str = "forward") -> torch.Tensor:
@@ -137,6 +140,16 @@ class SOAP(torch.optim.Optimizer):
                 q = torch.linalg.eigh(gg.double() + 1e-30 * eye.double())[1].to(gg.dtype)
             out.append(torch.flip(q, dims=[1]))
         return out
+
+    @classmethod
+    def _rebase(cls, m: torch.Tensor, old: list[torch.Tensor | None], state: dict[str, Any],
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """m from the eigenbasis of `old` into the state's new one: Q_new^T Q_old m, one rotation by the factors
+        R_i = Q_old_i^T Q_new_i (a 4-D weight's products in `dtype`, default m's)."""
+        r = [None if o is None else o.T @ n for o, n in zip(old, state["Q"], strict=True)]
+        if state["layout"]:  # FAST_PERM is its own inverse
+            return _to_eigen_4d(m.permute(FAST_PERM), r, dtype=dtype)  # type: ignore[arg-type]
+        return cls._rotate(m, r)
 
     @staticmethod
     def _power_iteration(state: dict[str, Any]) -> list[torch.Tensor | None]:
@@ -192,19 +205,20 @@ class SOAP(torch.optim.Optimizer):
             t = group["step"] - 1
             size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
             states = [self.state[p] for p in live]
-            rotated = [self._to_eigen(p.grad, st, beta=shampoo) for p, st in zip(live, states, strict=True)]
+            dtype = torch.bfloat16 if group.get("bf16_matmul") else None  # (absent from checkpoints before it)
+            rotated = [self._to_eigen(p.grad, st, shampoo, dtype) for p, st in zip(live, states, strict=True)]
             ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
             torch._foreach_lerp_(ms, rotated, 1.0 - beta1)
             torch._foreach_lerp_(vs, torch._foreach_mul(rotated, rotated), 1.0 - beta2)
             denominators = torch._foreach_sqrt(vs)
             torch._foreach_add_(denominators, group["eps"])
             for p, st, u in zip(live, states, torch._foreach_div(ms, denominators), strict=True):
-                p.add_(self._from_eigen(u, st), alpha=-size)
+                p.add_(self._from_eigen(u, st, dtype), alpha=-size)
             if group["weight_decay"]:
                 torch._foreach_mul_(live, 1.0 - group["lr"] * group["weight_decay"])
             if t % group["precondition_frequency"] == 0:
                 for st in states:
                     old = st["Q"]
                     st["Q"] = self._power_iteration(st)
-                    st["exp_avg"] = self._to_eigen(self._from_eigen(st["exp_avg"], st, old), st)
+                    st["exp_avg"] = self._rebase(st["exp_avg"], old, st, dtype)
         return loss
