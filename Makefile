@@ -7,8 +7,10 @@ DATA   ?= $(or $(LIC_DEPLOY_DATA),../shared/data)
 OUT    ?= out
 RUNS   ?= $(or $(LIC_DEPLOY_RUNS),../lic-runs)
 GPU_MODELS ?= ../shared/models-gpu
+# $(call resume_or,CKPT,ELSE): --resume CKPT when it exists (a training target run again continues), else ELSE
+resume_or = $$( [ -f $(1) ] && echo --resume $(1) || echo $(2) )
 
-.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-speed bench-convergence bench-export bench-codec bench-elic models-tcm bench-tcm bench-runtime clean
+.PHONY: demo test lint bench bench-gpu-models models-gpu bench-train bench-soap-bf16 bench-speed bench-convergence bench-export bench-codec bench-elic models-tcm bench-tcm bench-runtime clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -88,6 +90,19 @@ bench-speed: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m lic_deploy.bench.train_bench --data $(DATA)/train
 
+# SOAP with bfloat16 products (--soap-bf16) against float32 SOAP: N=128/M=192 at lambda 0.013, seeds 0 and 1 (the
+# seed-to-seed difference is the noise floor), SOAP_BF16_STEPS steps each (about 7 min per 400 on 2 cores;
+# resumable, and a larger SOAP_BF16_STEPS extends the runs); then validation loss per step and a plot.
+SOAP_BF16_STEPS ?= 400
+SOAP_BF16_TRAIN = --data $(DATA)/train --val $(DATA)/kodak --val-count 6 --N 128 --M 192 --optimizer soap \
+	--lmbda 0.013 --batch 8 --patch 128 --val-every 100 --ckpt-every 100 --log-every 25 --align-every 100 --threads 2
+bench-soap-bf16: $(STAMP)
+	mkdir -p $(RUNS)/soap-bf16
+	for seed in 0 1; do for p in fp32 bf16; do ck=$(RUNS)/soap-bf16/$$p-s$$seed.pt; \
+		$(VENV)/bin/lic-deploy train $(SOAP_BF16_TRAIN) --steps $(SOAP_BF16_STEPS) --seed $$seed -o $$ck \
+			$$( [ $$p = bf16 ] && echo --soap-bf16 ) $(call resume_or,$$ck,) || exit 1; done; done
+	$(PY) -m lic_deploy.bench.soap_precision $(RUNS)/soap-bf16 -o $(OUT)/soap-bf16.png
+
 # The integer entropy model and the codec against CompressAI's float path, on the shipped Adam models.
 bench-codec: $(STAMP)
 	$(PY) -m lic_deploy.bench.codec_bench models/mbt-adam-0.0035.safetensors models/mbt-adam-0.0067.safetensors \
@@ -109,7 +124,6 @@ TCM_TRAIN = --arch tcm --data $(DATA)/train --val $(DATA)/kodak --val-count 2 --
 	--arch-config slices=5,depth=1,attn=32,cc1=64,cc2=32,Z=64 --patch 256 --batch 4 \
 	--ckpt-every 50 --val-every 150 --log-every 25 --align-every 50
 TCM_CKPTS = $(foreach l,$(TCM_LAMBDAS),$(RUNS)/tcm/tcm-small-soap-ft-$(l).pt $(RUNS)/tcm/tcm-small-adam-ft-$(l).pt)
-resume_or = $$( [ -f $(1) ] && echo --resume $(1) || echo $(2) )
 models-tcm: $(STAMP)
 	mkdir -p $(RUNS)/tcm
 	for opt in soap adam; do base=$(RUNS)/tcm/tcm-small-$$opt-$(TCM_BASE).pt; \

@@ -366,3 +366,28 @@ def test_soap_bf16_run_resumes_bit_exactly_and_keeps_its_precision(tiny_data: Pa
     assert meta["hyperparameters"]["bf16_matmul"] is True
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.bench import soap_precision
+
+    def log(name: str, losses: list[float]) -> None:
+        (tmp_path / f"{name}.pt.jsonl").write_text("".join(
+            json.dumps({"step": 100 * (i + 1), "seconds": 1.0, "train_loss": v + 1, "val_loss": v, "val_psnr": 30.0,
+                        "val_bpp": 0.5}) + "\n" for i, v in enumerate(losses)))
+
+    log("fp32-s0", [4.0, 3.0])
+    log("bf16-s0", [4.1, 2.9])
+    log("fp32-s1", [3.8, 3.3])
+    (tmp_path / "notes.pt.jsonl").write_text("{}\n")  # not a run: ignored
+    runs = soap_precision.find_runs(tmp_path)
+    assert sorted(runs) == [("bf16", 0), ("fp32", 0), ("fp32", 1)]
+    _, rows, diffs = soap_precision.table(runs)
+    assert [r[0] for r in rows] == [100, 200]
+    assert diffs["bf16 - fp32, seed 0"] == pytest.approx([0.1, -0.1])
+    assert diffs["fp32 seed 1 - seed 0"] == pytest.approx([-0.2, 0.3])
+    assert soap_precision.main([str(tmp_path), "-o", str(tmp_path / "p.png")]) == 0
+    assert "mean |d| 0.1000" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
+    (tmp_path / "bf16-s0.pt.jsonl").unlink()
+    assert soap_precision.main([str(tmp_path), "-o", str(tmp_path / "q.png")]) == 2
+    assert "needs fp32" in capsys.readouterr().err
