@@ -354,11 +354,16 @@ def test_soap_bf16_products_stay_within_bfloat16_rounding_of_float32() -> None:
         build_optimizer("soap", [torch.nn.Parameter(torch.zeros(2, 2))], soap_impl="pytorch-optimizer", soap_bf16=True)
 
 
-def test_soap_bf16_run_resumes_bit_exactly_and_keeps_its_precision(tiny_data: Path, tmp_path: Path) -> None:
+def test_soap_bf16_run_resumes_bit_exactly_and_keeps_its_precision(tiny_data: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from lic_deploy.archs.checkpoint import read_checkpoint
+    from lic_deploy.train import loop
 
     a, b, c = tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "c.pt"
-    assert main(_args(tiny_data, a, "--steps", "8", "--soap-bf16")) == 0
+    monkeypatch.setattr(loop, "cpu_has_bf16", lambda: False)  # a CPU without native bfloat16 gets told
+    with pytest.warns(UserWarning, match="no AVX512-BF16"):
+        assert main(_args(tiny_data, a, "--steps", "8", "--soap-bf16")) == 0
+    monkeypatch.undo()
     assert main(_args(tiny_data, b, "--steps", "5", "--soap-bf16")) == 0
     assert main(_args(tiny_data, b, "--steps", "8", "--resume", str(b))) == 0  # no flag: the run's own precision
     assert main(_args(tiny_data, c, "--steps", "8")) == 0

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -217,6 +218,15 @@ def flush_denormals() -> None:
     torch.set_flush_denormal(True)
 
 
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX; None where /proc/cpuinfo is absent)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def noise_seed(seed: int, step: int, shard: int) -> int:
     """The torch seed of one shard's forward pass (quantization noise) at one step."""
     return (seed * 1_000_003 + step) * 4099 + shard
@@ -274,6 +284,9 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
         opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl, bf16)
     except ValueError as exc:
         raise LicError(str(exc)) from None
+    if bf16 and world.device == "cpu" and cpu_has_bf16() is False:
+        warnings.warn("this CPU has no AVX512-BF16 or AMX: SOAP's bfloat16 products are emulated and slower than "
+                      "float32 ones", stacklevel=2)
     aux_opt = torch.optim.Adam(aux_params, lr=AUX_LR)
     start, seconds = 0, 0.0
     init = resumed[1].get("init") if resumed else None  # where the run started from, kept through resumes
