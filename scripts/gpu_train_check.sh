@@ -2,7 +2,8 @@
 # Training on a lent NVIDIA machine, prepared to fit a few minutes on an H200:
 #   1. the `gpu` tests: a few SOAP and Adam steps on CUDA, resumed bit-exactly (tests/test_train_scale.py);
 #   2. `make bench-train` on CUDA at batch 16, 256 px: steps per second and the optimizer part of Adam, SOAP
-#      (lic-deploy's) and SOAP (pytorch-optimizer's), the figures of issue 15's goal (SOAP step <= 1.3x Adam's).
+#      (lic-deploy's, float32 and bfloat16 products) and SOAP (pytorch-optimizer's), the figures of issue 15's
+#      goal (SOAP step <= 1.3x Adam's).
 # Writes OUT/gpu_train_check.log (default out/gpu-train-check). Needs lic-deploy's imports on PYTHONPATH (torch
 # with CUDA, compressai, pytorch-optimizer, ...); nothing is installed here.
 set -uo pipefail

@@ -23,6 +23,11 @@ still unrotated (a factor's statistic contracts the other dims, which orthogonal
 the statistics need no copies either. pytorch-optimizer's per-dim tensordots multiply the 5-wide kernel dims as
 (n x 5) @ (5 x 5) products at a few GFLOP/s. Equal to pytorch-optimizer's updates up to float32 rounding
 (tests/test_train.py compares them step by step); `make bench-train` measures the optimizer part.
+
+`bf16_matmul=True` runs those 4-D products (rotations, statistics, and rotating m into a new eigenbasis) as
+bfloat16 GEMMs with float32 accumulation, each product's output rounded to bfloat16; the moments, statistics and
+eigenbases stay float32, and the other parameters' products too. Updates then agree to about 2^-8 instead of
+float32 rounding; `make bench-soap-bf16` compares the loss curves.
 """
 
 from __future__ import annotations
