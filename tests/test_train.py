@@ -384,7 +384,7 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     log("fp32-s0", [4.0, 3.0])
     log("bf16-s0", [4.1, 2.9])
     log("fp32-s1", [3.8, 3.3])
-    (tmp_path / "notes.pt.jsonl").write_text("{}\n")  # not a run: ignored
+    (tmp_path / "bf16-s1.pt.jsonl").write_text('{"step": 25, "train_loss": 9.0}\n')  # not validated yet: left out
     runs = soap_precision.find_runs(tmp_path)
     assert sorted(runs) == [("bf16", 0), ("fp32", 0), ("fp32", 1)]
     _, rows, diffs = soap_precision.table(runs)

@@ -26,11 +26,12 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def find_runs(folder: Path) -> dict[tuple[str, int], Path]:
-    """(precision, seed) -> log path for every `{fp32,bf16}-s{SEED}.pt.jsonl` in `folder`."""
+    """(precision, seed) -> log path for every `{fp32,bf16}-s{SEED}.pt.jsonl` in `folder` that has validated
+    (a run still before its first validation is left out)."""
     runs = {}
     for path in sorted(folder.glob("*-s*.pt.jsonl")):
         precision, _, seed = path.name.removesuffix(".pt.jsonl").partition("-s")
-        if precision in PRECISIONS and seed.isdigit():
+        if precision in PRECISIONS and seed.isdigit() and '"val_loss"' in path.read_text():
             runs[precision, int(seed)] = path
     if not any(p == "fp32" for p, _ in runs) or not any(p == "bf16" for p, _ in runs):
         raise DataError(f"{folder}: needs fp32-sN.pt.jsonl and bf16-sN.pt.jsonl training logs")
