@@ -61,22 +61,24 @@ def table(runs: dict[tuple[str, int], Path]) -> tuple[list[str], list[list[objec
 
 
 def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
-    """Training loss (thin) and validation loss (markers) against steps, one colour per run."""
+    """Training loss (thin) and validation loss (markers) against steps: a colour per seed, float32 solid and
+    bfloat16 dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    seeds = sorted({seed for _, seed in runs})
     for (precision, seed), log in sorted(runs.items()):
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        style = "-" if precision == "fp32" else "--"
+        style, colour = "-" if precision == "fp32" else "--", f"C{seeds.index(seed)}"
         train = [r for r in rows if "train_loss" in r]
-        line, = ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], style, lw=1,
-                        label=f"{precision} seed {seed}: train")
+        ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], style, lw=1, color=colour,
+                label=f"{precision} seed {seed}: train")
         val = [r for r in rows if "val_loss" in r]
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o" + style, color=line.get_color(),
-                ms=4, label=f"{precision} seed {seed}: validation")
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o" + style, color=colour, ms=4,
+                label=f"{precision} seed {seed}: validation")
     ax.set(xlabel="training steps", ylabel="loss (λ·255²·MSE + bpp)", yscale="log",
            title="SOAP: float32 against bfloat16 products")
     ax.grid(alpha=0.3)
