@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -301,7 +302,9 @@ def test_train_bench_times_every_optimizer_and_the_pipeline(flat: Path, capsys: 
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| adam") or line.startswith("| soap")}
-    assert set(rows) == {"adam", "soap (lic-deploy)", "soap (pytorch-optimizer)"}
+    assert set(rows) == {"adam", "soap (lic-deploy)", "soap (lic-deploy, bf16)", "soap (pytorch-optimizer)"}
     # every figure positive, and a whole step longer than its optimizer part
     assert all(len(r) == 4 and all(v > 0 for v in r) and r[0] > r[2] for r in rows.values())
-    assert "lic-deploy's SOAP / pytorch-optimizer's" in out and "images/s" in out
+    assert "soap (lic-deploy, bf16) / pytorch-optimizer's" in out and "images/s" in out
+    rates = re.search(r"float32 (\d+) GFLOP/s, bfloat16 (\d+) GFLOP/s", out)
+    assert rates and int(rates[1]) > 0 and int(rates[2]) > 0

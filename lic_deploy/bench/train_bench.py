@@ -6,6 +6,7 @@ Prints, in one run on this machine (medians after warm-up):
   (everything after backward: `opt.step()`, SOAP's statistics, projections and, every `precondition_frequency`
   steps, its eigenbasis update; timed over whole multiples of that frequency so the periodic update is averaged
   in) in ms; SOAP / Adam ratios of both;
+- the float32 and bfloat16 matmul rates (what `--soap-bf16` gains on this machine);
 - images per second of the streaming data pipeline (decode, crop, flip, batch) with 0, 2 and 4 workers.
 
     python -m lic_deploy.bench.train_bench --data ../shared/data/train [--N 128 --M 192 --batch 4 --patch 256]
@@ -69,6 +70,25 @@ def time_steps(variants: list[tuple[str, str, bool]], args: argparse.Namespace) 
             for (optimizer, impl, bf16), (_, _, freq, steps, opt_part) in zip(variants, runs, strict=True)]
 
 
+def gemm_rates(device: str, n: int = 2048, repeat: int = 5) -> dict[str, float]:
+    """GFLOP/s of an n x n x n `torch.matmul` in float32 and bfloat16 (median of `repeat` after one warm-up): whether
+    this machine gains from SOAP's bfloat16 products (`--soap-bf16`)."""
+    import torch
+
+    out = {}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        times = []
+        for _ in range(repeat + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+        out[name] = 2 * n**3 / statistics.median(times[1:]) / 1e9
+    return out
+
+
 def time_pipeline(args: argparse.Namespace, workers: int) -> float:
     """Images per second of the streaming dataset with `workers` processes (first batch excluded)."""
     from lic_deploy.train.data import StreamDataset, loader
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in (soap, soap_bf16):
         ratio = r["optimizer_ms"] / reference["optimizer_ms"]
         print(f"optimizer part, {r['optimizer']} / pytorch-optimizer's: {ratio:.3f}")
+    rates = gemm_rates(args.device)
+    print(f"matmul 2048^3: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
     if args.data:
         counts = [int(w) for w in args.workers.split(",")]
         rates = [time_pipeline(args, w) for w in counts]
