@@ -303,8 +303,9 @@ def test_train_bench_times_every_optimizer_and_the_pipeline(flat: Path, capsys: 
     rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| adam") or line.startswith("| soap")}
     assert set(rows) == {"adam", "soap (lic-deploy)", "soap (lic-deploy, bf16)", "soap (pytorch-optimizer)"}
-    # every figure positive, and a whole step longer than its optimizer part
-    assert all(len(r) == 4 and all(v > 0 for v in r) and r[0] > r[2] for r in rows.values())
+    # every figure positive, and a whole step longer than its optimizer part (medians: each step's whole time
+    # exceeds its optimizer part, so their medians do too)
+    assert all(len(r) == 4 and all(v > 0 for v in r) and r[0] > r[3] for r in rows.values())
     assert "soap (lic-deploy, bf16) / pytorch-optimizer's" in out and "images/s" in out
     rates = re.search(r"float32 (\d+) GFLOP/s, bfloat16 (\d+) GFLOP/s", out)
     assert rates and int(rates[1]) > 0 and int(rates[2]) > 0
