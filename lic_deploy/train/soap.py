@@ -156,21 +156,32 @@ class SOAP(torch.optim.Optimizer):
             return _to_eigen_4d(m.permute(FAST_PERM), r, dtype=dtype)  # type: ignore[arg-type]
         return cls._rotate(m, r)
 
-    @staticmethod
-    def _power_iteration(state: dict[str, Any]) -> list[torch.Tensor | None]:
-        """One power iteration and QR per factor; permutes the second moment with the new column order."""
-        v = state["exp_avg_sq"]
-        out: list[torch.Tensor | None] = []
-        for i, (gg, q) in enumerate(zip(state["GG"], state["Q"], strict=True)):
-            if gg is None:
-                out.append(None)
-                continue
-            product = gg @ q
-            order = torch.argsort((q * product).sum(dim=0), descending=True)
-            v = v.index_select(FAST_PERM.index(i) if state["layout"] else i, order)
-            out.append(torch.linalg.qr(product.index_select(1, order).to(torch.float32))[0].to(product.dtype))
-        state["exp_avg_sq"] = v
-        return out
+    @classmethod
+    def _new_eigenbases(cls, states: list[dict[str, Any]], dtype: torch.dtype | None) -> None:
+        """One power iteration per factor, columns sorted by estimated eigenvalue (each second moment permuted
+        with them), then the QRs batched by factor size (one call per size instead of one per factor: on a GPU
+        one launch), then every m rotated into its new basis."""
+        todo: dict[tuple[Any, ...], list[tuple[list[torch.Tensor | None], int, torch.Tensor]]] = {}
+        new_qs = []
+        for st in states:
+            v, qs = st["exp_avg_sq"], list(st["Q"])
+            for i, (gg, q) in enumerate(zip(st["GG"], st["Q"], strict=True)):
+                if gg is None:
+                    continue
+                product = gg @ q
+                order = torch.argsort((q * product).sum(dim=0), descending=True)
+                v = v.index_select(FAST_PERM.index(i) if st["layout"] else i, order)
+                todo.setdefault((product.shape, product.dtype, product.device), []).append(
+                    (qs, i, product.index_select(1, order)))
+            st["exp_avg_sq"] = v
+            new_qs.append(qs)
+        for (_, kind, _), items in todo.items():  # as pytorch-optimizer: the QR in float32
+            q = torch.linalg.qr(torch.stack([m for _, _, m in items]).to(torch.float32))[0].to(kind)
+            for (qs, i, _), qi in zip(items, q, strict=True):
+                qs[i] = qi
+        for st, qs in zip(states, new_qs, strict=True):
+            old, st["Q"] = st["Q"], qs
+            st["exp_avg"] = cls._rebase(st["exp_avg"], old, st, dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also resumes states saved before the 4-D layout existed: their m and v are permuted into it."""
@@ -222,8 +233,5 @@ class SOAP(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_mul_(live, 1.0 - group["lr"] * group["weight_decay"])
             if t % group["precondition_frequency"] == 0:
-                for st in states:
-                    old = st["Q"]
-                    st["Q"] = self._power_iteration(st)
-                    st["exp_avg"] = self._rebase(st["exp_avg"], old, st, dtype)
+                self._new_eigenbases(states, dtype)
         return loss
