@@ -392,7 +392,12 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert diffs["bf16 - fp32, seed 0"] == pytest.approx([0.1, -0.1])
     assert diffs["fp32 seed 1 - seed 0"] == pytest.approx([-0.2, 0.3])
     assert soap_precision.main([str(tmp_path), "-o", str(tmp_path / "p.png")]) == 0
-    assert "mean |d| 0.1000" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "mean |d| 0.1000" in out and (tmp_path / "p.png").stat().st_size > 1000
+    # training loss over steps 101-200: the second logged value of each run (val + 1)
+    assert soap_precision.late_train_loss(runs, 200) == pytest.approx({("fp32", 0): 4.0, ("bf16", 0): 3.9,
+                                                                       ("fp32", 1): 4.3})
+    assert "bf16 seed 0: 3.9000 (-2.50 % against fp32)" in out
     (tmp_path / "bf16-s0.pt.jsonl").unlink()
     assert soap_precision.main([str(tmp_path), "-o", str(tmp_path / "q.png")]) == 2
     assert "needs fp32" in capsys.readouterr().err

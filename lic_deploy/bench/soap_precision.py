@@ -3,8 +3,9 @@
 Reads the logs of runs that differ only in SOAP's product precision and seed (same model, data, λ and steps:
 `{fp32,bf16}-s{SEED}.pt.jsonl` in one folder) and prints, at every validation step, each run's validation loss
 (λ·255²·MSE + bpp), PSNR and bpp, then the two differences that answer the question: bf16 − fp32 at each seed
-(what the precision changes) against fp32 seed 1 − fp32 seed 0 (what a different seed changes: the noise floor).
-Also plots training and validation loss against steps, all runs, one PNG.
+(what the precision changes) against fp32 seed 1 − fp32 seed 0 (what a different seed changes: the noise floor),
+and each run's training loss averaged over the second half of the steps. Also plots training and validation loss
+against steps, all runs, one PNG.
 
     python -m lic_deploy.bench.soap_precision ../lic-runs/soap-bf16 [-o out/soap-bf16.png]
 """
@@ -60,6 +61,18 @@ def table(runs: dict[tuple[str, int], Path]) -> tuple[list[str], list[list[objec
     return header, rows, diffs
 
 
+def late_train_loss(runs: dict[tuple[str, int], Path], last: int) -> dict[tuple[str, int], float]:
+    """Each run's logged training loss averaged over steps (last / 2, last]: the whole training set's view, steadier
+    than a few validation images."""
+    out = {}
+    for key, log in sorted(runs.items()):
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        late = [r["train_loss"] for r in rows if "train_loss" in r and last / 2 < r["step"] <= last]
+        if late:
+            out[key] = statistics.fmean(late)
+    return out
+
+
 def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
     """Training loss (thin) and validation loss (markers) against steps: a colour per seed, float32 solid and
     bfloat16 dashed."""
@@ -108,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\nvalidation-loss differences, per validation step (and mean |difference|):")
     for name, values in diffs.items():
         print(f"  {name}: {' '.join(f'{v:+.4f}' for v in values)}  (mean |d| {statistics.fmean(map(abs, values)):.4f})")
+    last = rows[-1][0]
+    late = late_train_loss(runs, last)
+    print(f"\ntraining loss, mean over steps {last // 2 + 1}-{last}:")
+    for (precision, seed), value in late.items():
+        ref = late.get(("fp32", seed))
+        vs = f" ({100 * (value / ref - 1):+.2f} % against fp32)" if precision == "bf16" and ref else ""
+        print(f"  {precision} seed {seed}: {value:.4f}{vs}")
     print(f"\nwrote {args.output}")
     return 0
 
