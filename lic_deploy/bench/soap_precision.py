@@ -73,15 +73,21 @@ def late_train_loss(runs: dict[tuple[str, int], Path], last: int) -> dict[tuple[
     return out
 
 
-def plot(runs: dict[tuple[str, int], Path], path: Path) -> None:
-    """Training loss (thin) and validation loss (markers) against steps: a colour per seed, float32 solid and
-    bfloat16 dashed."""
+def plot(runs: dict[tuple[str, int], Path], steps: list[int], diffs: dict[str, list[float]], path: Path) -> None:
+    """Left: training loss (thin) and validation loss (markers) against steps, a colour per seed, float32 solid and
+    bfloat16 dashed. Right: the validation-loss differences of `table` at `steps`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, values in diffs.items():
+        right.plot(steps, values, "o-" if name.startswith("bf16") else "s:", ms=4, label=name)
+    right.axhline(0, color="grey", lw=0.8)
+    right.set(xlabel="training steps", ylabel="validation-loss difference", title="what precision and seed change")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
     seeds = sorted({seed for _, seed in runs})
     for (precision, seed), log in sorted(runs.items()):
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = find_runs(Path(args.runs))
         header, rows, diffs = table(runs)
-        plot(runs, Path(args.output))
+        plot(runs, [r[0] for r in rows], diffs, Path(args.output))
     except LicError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
