@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in (soap, soap_bf16):
         ratio = r["optimizer_ms"] / reference["optimizer_ms"]
         print(f"optimizer part, {r['optimizer']} / pytorch-optimizer's: {ratio:.3f}")
-    rates = gemm_rates(args.device)
-    print(f"matmul 2048^3: float32 {rates['float32']:.0f} GFLOP/s, bfloat16 {rates['bfloat16']:.0f} GFLOP/s")
+    gemm = gemm_rates(args.device)
+    print(f"matmul 2048^3: float32 {gemm['float32']:.0f} GFLOP/s, bfloat16 {gemm['bfloat16']:.0f} GFLOP/s")
     if args.data:
         counts = [int(w) for w in args.workers.split(",")]
         rates = [time_pipeline(args, w) for w in counts]
