@@ -238,9 +238,9 @@ def test_cuda_training_resumes_bit_exactly(flat: Path, tmp_path: Path) -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: this test needs an NVIDIA GPU and a CUDA build of PyTorch")
-    for opt in ("soap", "adam"):
-        a, b = tmp_path / f"a-{opt}.pt", tmp_path / f"b-{opt}.pt"
-        args = ("--optimizer", opt, "--device", "cuda", "--val", str(flat), "--val-every", "4")
+    for opt, extra in (("soap", ()), ("soap", ("--soap-bf16",)), ("adam", ())):
+        a, b = tmp_path / f"a-{opt}{len(extra)}.pt", tmp_path / f"b-{opt}{len(extra)}.pt"
+        args = ("--optimizer", opt, "--device", "cuda", "--val", str(flat), "--val-every", "4", *extra)
         assert main(_args(flat, a, *args, "--steps", "8")) == 0
         assert main(_args(flat, b, *args, "--steps", "4")) == 0
         assert main(_args(flat, b, *args, "--steps", "8", "--resume", str(b))) == 0
