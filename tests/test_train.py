@@ -401,3 +401,26 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     (tmp_path / "bf16-s0.pt.jsonl").unlink()
     assert soap_precision.main([str(tmp_path), "-o", str(tmp_path / "q.png")]) == 2
     assert "needs fp32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_path: Path, bf16: bool) -> None:
+    """The eigenbases after an update are slices of one batched QR; the state saved after that (torch.save, loaded
+    with weights_only=True) continues exactly as the uninterrupted run, across the next update too."""
+    torch.manual_seed(0)
+    shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,)]
+    start, grads = [torch.randn(s) for s in shapes], [[torch.randn(s) for s in shapes] for _ in range(24)]
+    finals = []
+    for cut in (None, 14):  # the update comes at step 11, the next at 21
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
+        for i, gs in enumerate(grads):
+            if i == cut:
+                torch.save(opt.state_dict(), tmp_path / "opt.pt")
+                opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
+                opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+            for p, g in zip(params, gs, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        finals.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
