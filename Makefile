@@ -90,15 +90,16 @@ bench-speed: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m lic_deploy.bench.train_bench --data $(DATA)/train
 
-# SOAP with bfloat16 products (--soap-bf16) against float32 SOAP: N=128/M=192 at lambda 0.013, seeds 0 and 1 (the
-# seed-to-seed difference is the noise floor), SOAP_BF16_STEPS steps each (about 7 min per 400 on 2 cores;
-# resumable, and a larger SOAP_BF16_STEPS extends the runs); then validation loss per step and a plot.
+# SOAP with bfloat16 products (--soap-bf16) against float32 SOAP: N=128/M=192 at lambda 0.013, per seed of
+# SOAP_BF16_SEEDS (the seed-to-seed difference is the noise floor), SOAP_BF16_STEPS steps each (about 7 min per 400
+# on 2 cores; resumable, and a larger SOAP_BF16_STEPS extends the runs); then validation loss per step and a plot.
 SOAP_BF16_STEPS ?= 400
+SOAP_BF16_SEEDS ?= 0 1
 SOAP_BF16_TRAIN = --data $(DATA)/train --val $(DATA)/kodak --val-count 6 --N 128 --M 192 --optimizer soap \
 	--lmbda 0.013 --batch 8 --patch 128 --val-every 100 --ckpt-every 100 --log-every 25 --align-every 100 --threads 2
 bench-soap-bf16: $(STAMP)
 	mkdir -p $(RUNS)/soap-bf16
-	for seed in 0 1; do for p in fp32 bf16; do ck=$(RUNS)/soap-bf16/$$p-s$$seed.pt; \
+	for seed in $(SOAP_BF16_SEEDS); do for p in fp32 bf16; do ck=$(RUNS)/soap-bf16/$$p-s$$seed.pt; \
 		$(VENV)/bin/lic-deploy train $(SOAP_BF16_TRAIN) --steps $(SOAP_BF16_STEPS) --seed $$seed -o $$ck \
 			$$( [ $$p = bf16 ] && echo --soap-bf16 ) $(call resume_or,$$ck,) || exit 1; done; done
 	$(PY) -m lic_deploy.bench.soap_precision $(RUNS)/soap-bf16 -o $(OUT)/soap-bf16.png
