@@ -36,12 +36,17 @@ class Convergence:
         return None if self.soap_seconds is None else 1 - self.soap_seconds / self.adam_seconds
 
 
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """Validation rows (step, seconds, val_loss, ...) of a training log, in step order."""
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Every row of a training log (JSONL written by `lic-deploy train`), in file order."""
     try:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a lic-deploy training log ({exc})") from None
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """Validation rows (step, seconds, val_loss, ...) of a training log, in step order."""
+    rows = read_rows(path)
     val = sorted((r for r in rows if "val_loss" in r), key=lambda r: r["step"])
     if not val:
         raise DataError(f"{path}: has no validation rows (train with --val)")

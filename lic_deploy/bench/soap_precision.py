@@ -13,13 +13,12 @@ against steps, all runs, one PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from lic_deploy.bench.convergence import read_log
+from lic_deploy.bench.convergence import read_log, read_rows
 from lic_deploy.bench.latency import format_table
 from lic_deploy.errors import DataError, LicError
 
@@ -66,7 +65,7 @@ def late_train_loss(runs: dict[tuple[str, int], Path], last: int) -> dict[tuple[
     than a few validation images."""
     out = {}
     for key, log in sorted(runs.items()):
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = read_rows(log)
         late = [r["train_loss"] for r in rows if "train_loss" in r and last / 2 < r["step"] <= last]
         if late:
             out[key] = statistics.fmean(late)
@@ -90,7 +89,7 @@ def plot(runs: dict[tuple[str, int], Path], steps: list[int], diffs: dict[str, l
     right.legend(fontsize=8)
     seeds = sorted({seed for _, seed in runs})
     for (precision, seed), log in sorted(runs.items()):
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        rows = read_rows(log)
         style, colour = "-" if precision == "fp32" else "--", f"C{seeds.index(seed)}"
         train = [r for r in rows if "train_loss" in r]
         ax.plot([r["step"] for r in train], [r["train_loss"] for r in train], style, lw=1, color=colour,
