@@ -12,6 +12,7 @@ import torch
 from lic_deploy.cli import main
 from lic_deploy.train.alignment import alignment, flatten
 from lic_deploy.train.optim import build_optimizer, precondition
+from lic_deploy.train.soap import _reordered
 from tests.conftest import write_images
 
 
@@ -285,6 +286,7 @@ def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype,
             for p, g in zip(params, gs, strict=True):
                 p.grad = g.clone()
             opt.step()
+            assert all(torch.equal(p.grad, g) for p, g in zip(params, gs, strict=True))  # the step leaves grads
             paths[impl].append([p.detach().clone() for p in params])
     for ours, ref in zip(paths["lic-deploy"], paths["pytorch-optimizer"], strict=True):
         for a, b in zip(ours, ref, strict=True):
@@ -292,6 +294,20 @@ def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype,
     assert all(float((a - w).abs().max()) > 0.01 for a, w in zip(paths["lic-deploy"][-1], start, strict=True))
     with pytest.raises(ValueError, match="implementation"):
         build_optimizer("soap", [torch.nn.Parameter(torch.zeros(2, 2))], soap_impl="other")
+
+
+def test_soap_reorders_the_second_moment_as_one_index_select_per_dim() -> None:
+    """The eigenbasis update's reordering of v (one gather over the leading dims, one over the last) equals
+    reordering dim by dim, with dims left in place (None) anywhere."""
+    torch.manual_seed(0)
+    v = torch.randn(3, 4, 5, 6)
+    for orders in ([torch.randperm(n) for n in v.shape], [None, torch.randperm(4), None, torch.randperm(6)],
+                   [torch.randperm(3), None, torch.randperm(5), None]):
+        expected = v
+        for dim, order in enumerate(orders):
+            expected = expected if order is None else expected.index_select(dim, order)
+        assert torch.equal(_reordered(v, orders), expected) and not torch.equal(expected, v)
+    assert _reordered(v, [None] * 4) is v
 
 
 def test_soap_state_from_before_the_4d_layout_resumes_to_the_same_updates() -> None:
