@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pytorch-optimizer's; the same updates to float32 rounding. A resume keeps the run's own")
     p.add_argument("--soap-bf16", action="store_true",
                    help="lic-deploy's SOAP: convolution weights' rotations and statistics as bfloat16 GEMMs (state "
-                   "and eigenbases stay float32): faster products on CPUs with AVX512-BF16 or AMX (2.8x here) and "
+                   "and eigenbases stay float32): faster products on CPUs with AVX512-BF16 or AMX (2.5-2.8x here) and "
                    "on GPUs; updates within bfloat16 rounding of the float32 ones, loss curves within seed noise "
                    "(docs/benchmarks.md). A resume keeps the run's own")
     p.add_argument("--max-seconds", type=float, metavar="S",
