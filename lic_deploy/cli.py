@@ -22,6 +22,8 @@ EPILOG = """examples:
 def _export(args: argparse.Namespace) -> int:
     from lic_deploy.export.package_writer import ExportOptions, export_package
 
+    if args.cpu_int8 and not args.int8:
+        raise LicError("--cpu-int8 adds the unsigned-activation INT8 graphs to --int8: give both")
     precisions = ["fp32"]
     if args.fp16:
         precisions.append("fp16")
@@ -61,18 +63,30 @@ def _out_dir(path: str) -> Path:
     return out
 
 
+def _targets(files: list[Path], out: Path, suffix: str) -> list[Path]:
+    """out/STEM.suffix for each input; LicError when two inputs (x.png, x.jpg) would write the same file."""
+    seen: dict[Path, Path] = {}
+    for path in files:
+        target = out / f"{path.stem}.{suffix}"
+        if target in seen:
+            raise LicError(f"{seen[target]} and {path} would both be written to {target}: give them separately, "
+                           "each with its own -o")
+        seen[target] = path
+    return list(seen)
+
+
 def _encode(args: argparse.Namespace) -> int:
     from lic_deploy.bench.latency import format_table
     from lic_deploy.runtime.images import expand_inputs, load_rgb, psnr, to_uint8
 
     files = expand_inputs(args.images)
     out = _out_dir(args.output)
+    targets = _targets(files, out, "lic")
     codec = _codec(args)
     rows = []
-    for path in _progress(files, "encode"):
+    for path, target in _progress(list(zip(files, targets, strict=True)), "encode"):
         image, grey = load_rgb(path)
         data, y_hat = codec.encode_array(image, grey=grey)
-        target = out / f"{path.stem}.lic"
         _write_atomic(target, data)
         h, w = image.shape[1:]
         row: list[object] = [path.name, len(data), 8.0 * len(data) / (h * w)]
@@ -93,14 +107,14 @@ def _decode(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.streams, (".lic",))
     out = _out_dir(args.output)
+    targets = _targets(files, out, args.format)
     codec = _codec(args)
-    for path in _progress(files, "decode"):
+    for path, target in _progress(list(zip(files, targets, strict=True)), "decode"):
         try:
             decoded = codec.decode(path.read_bytes())
         except BitstreamError as exc:
             raise BitstreamError(f"{path}: {exc}") from None
         img = decoded.image
-        target = out / f"{path.stem}.{args.format}"
         save_image(target, img if img.ndim == 3 else img[..., None].repeat(3, axis=2), grey=img.ndim == 2)
         print(f"{path.name} -> {target} ({img.shape[1]}x{img.shape[0]})")
     return 0
@@ -213,7 +227,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="ort",
                    help="engine for the float transforms (default ort: ONNX Runtime on CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="graph precision (default fp32)")
-    p.add_argument("--threads", type=_positive, help="CPU threads (default: the engine's own default)")
+    p.add_argument("--threads", type=_threads, help="CPU threads (default: the engine's own default)")
     p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where --backend torch runs (default cpu); "
@@ -292,6 +306,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+MAX_THREADS = 256  # more threads than this is a typo (each one costs memory in the engines' pools)
+
+
+def _threads(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lic_deploy.archs.registry import REGISTRY
     from lic_deploy.export.quantize import CALIB_METHODS
@@ -318,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-count", type=_positive, default=16, help="number of calibration crops (default 16)")
     p.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax",
                    help="activation range method for INT8 (default minmax)")
-    p.add_argument("--calib-seed", type=int, default=0, help="seed for choosing crops (default 0)")
+    p.add_argument("--calib-seed", type=_nonnegative, default=0, help="seed for choosing crops (default 0)")
     p.add_argument("--calib-size", type=_positive, default=256, help="crop side in pixels (default 256)")
     p.add_argument("--entropy-bits", type=int, choices=(8, 16), default=16,
                    help="activation bits of the integer entropy network (default 16)")
@@ -339,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="image folder, 'skimage', or data:<sub> (under $LIC_DEPLOY_DATA)")
     p.add_argument("-o", "--output", required=True, help="manifest .json to write")
     p.add_argument("--count", type=_positive, default=64, help="number of crops (64)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--size", type=_positive, default=256, help="crop side in pixels (256)")
     p.add_argument("--force", action="store_true", help="replace an existing manifest")
     p.set_defaults(func=_calib)
@@ -384,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="learning rate (default: adam 1e-4, soap 3e-3)")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (100)")
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip, 0 = off (1.0)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_nonnegative, default=0)
     p.add_argument("--log-every", type=_positive, default=50)
     p.add_argument("--val-every", type=_positive, default=250)
     p.add_argument("--ckpt-every", type=_positive, default=250)
@@ -396,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-val-loss", type=float, metavar="LOSS",
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")
-    p.add_argument("--threads", type=_positive, help="torch CPU threads")
+    p.add_argument("--threads", type=_threads, help="torch CPU threads")
     p.add_argument("--soap-impl", choices=("lic-deploy", "pytorch-optimizer"), default="lic-deploy",
                    help="SOAP's implementation: lic-deploy's (default; two rotations per step instead of three) or "
                    "pytorch-optimizer's; the same updates to float32 rounding. A resume keeps the run's own")
@@ -455,17 +486,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-methods", type=_csv(CALIB_METHODS), default=["minmax"],
                    help="INT8 calibration methods, comma-separated (default minmax)")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["ort"], help="comma-separated (default ort)")
-    p.add_argument("--images", type=int, default=0, help="use the first N images (default 0: all)")
+    p.add_argument("--images", type=_nonnegative, default=0, help="use the first N images (default 0: all)")
     p.add_argument("--repeat", type=_positive, default=5, help="timed runs for the latency medians (default 5)")
     p.add_argument("--warmup", type=_positive, default=1, help="untimed runs before timing (default 1)")
-    p.add_argument("--threads", type=_positive, default=2, help="CPU threads (default 2)")
+    p.add_argument("--threads", type=_threads, default=2, help="CPU threads (default 2)")
     p.add_argument("--calib", help="calibration folder or manifest .json (default: scikit-image's photos)")
     p.add_argument("--calib-count", type=_positive, default=16, help="calibration crops from a folder (16)")
     p.add_argument("--calib-size", type=_positive, default=256, help="calibration crop side in pixels (256)")
     p.add_argument("--label", action="append", metavar="MODEL=OPTIMIZER:LAMBDA[:FAMILY]",
                    help="optimizer and lambda of a model without them in its metadata (MODEL: file stem or path); "
                    "repeatable")
-    p.add_argument("--outlier-images", type=int, default=2,
+    p.add_argument("--outlier-images", type=_nonnegative, default=2,
                    help="images for the outlier statistics (default 2; 0 skips them)")
     p.add_argument("--fallback-target", type=float, metavar="PCT",
                    help="also measure INT8 with --fallback auto at this target (percent)")
@@ -516,8 +547,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit
+        return code
     except LicError as exc:
+        print(f"lic-deploy: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at interpreter exit
+        return 141
+    except OSError as exc:  # a path that cannot be read or written (missing folder, permissions, a full disk)
         print(f"lic-deploy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

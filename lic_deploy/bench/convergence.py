@@ -37,11 +37,18 @@ class Convergence:
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """Every row of a training log (JSONL written by `lic-deploy train`), in file order."""
+    """Every row of a training log (JSONL written by `lic-deploy train`), in file order; DataError unless each
+    is an object with an integer step and numbers for its losses, seconds and lr."""
     try:
-        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: not a lic-deploy training log ({exc})") from None
+    for i, row in enumerate(rows, 1):
+        if not (isinstance(row, dict) and type(row.get("step")) is int and all(
+                isinstance(v, int | float) for k, v in row.items() if k.endswith(("loss", "seconds", "lr")))):
+            raise DataError(f"{path}: row {i} is not a training log row (an object with an integer step and numeric "
+                            f"losses): {json.dumps(row)[:80]}")
+    return rows
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:

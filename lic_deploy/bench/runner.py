@@ -492,6 +492,10 @@ def write_json(path: Path, doc: Mapping[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
 
 
+RESULT_FIELDS = {"models": ("name",), "rows": ("model", "variant", "image", "bpp", "psnr"),
+                 "summaries": ("model", "variant")}  # what the report reads of each section
+
+
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results.json written by `run_bench`; LicError for anything else or another schema version."""
     try:
@@ -503,4 +507,9 @@ def load_results(path: str | os.PathLike) -> dict[str, Any]:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise LicError(f"{path}: results schema {doc.get('schema_version')} is not supported "
                        f"(this build reads {SCHEMA_VERSION}); rerun lic-deploy bench")
+    for key, fields in RESULT_FIELDS.items():
+        entries = doc.get(key)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and all(f in e for f in fields)
+                                                    for e in entries):
+            raise LicError(f"{path}: its {key!r} is not a list of entries with {', '.join(fields)}")
     return doc

@@ -29,6 +29,7 @@ from lic_deploy.errors import CheckpointError, DataError, LicError
 
 STREAM_ABOVE = 2000  # --data-mode auto streams folders with more images than this (or with subfolders)
 DATA_MODES = ("auto", "memory", "stream")
+MAX_CHANNELS = 1024  # --N and --M at most this (wider models would not fit a training machine's memory anyway)
 
 
 @dataclass
@@ -139,8 +140,23 @@ def _check(cfg: TrainConfig) -> None:
     if cfg.patch % adapter.pad_multiple or cfg.patch < adapter.min_size:
         raise LicError(f"--patch must be a multiple of {adapter.pad_multiple} and at least {adapter.min_size} for "
                        f"{cfg.arch}, got {cfg.patch}")
-    if cfg.lmbda <= 0:
-        raise LicError("--lmbda must be positive")
+    if cfg.N > MAX_CHANNELS or cfg.M > MAX_CHANNELS:
+        raise LicError(f"--N and --M must be at most {MAX_CHANNELS}, got {cfg.N} and {cfg.M}")
+    for name, value in (("lmbda", cfg.lmbda), ("lr", cfg.lr)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise LicError(f"--{name} must be a positive number, got {value}")
+    if not (math.isfinite(cfg.clip) and cfg.clip >= 0):
+        raise LicError(f"--clip must be a non-negative number (0 = off), got {cfg.clip}")
+    if cfg.seed < 0 or (cfg.downscale is not None and cfg.downscale < 1):
+        raise LicError(f"--seed must be at least 0 and --downscale at least 1 (or 0: off), got {cfg.seed} and "
+                       f"{cfg.downscale}")
+    if cfg.arch_options and cfg.arch != "tcm":
+        raise LicError("--arch-config applies to --arch tcm only (ELIC's context widths: --context-widths)")
+    out = Path(cfg.output)
+    if out.is_dir() or not out.parent.is_dir():
+        raise LicError(f"-o {out}: expected a checkpoint file in an existing folder")
+    if out.exists() and not cfg.resume:
+        raise LicError(f"-o {out} exists: continue it with --resume {out}, or choose another -o")
     if not Path(cfg.data).is_dir():
         raise DataError(f"training data folder {cfg.data} does not exist")
     if cfg.val and not Path(cfg.val).is_dir():
@@ -316,16 +332,18 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     def to_device(a: np.ndarray) -> Any:
         return torch.from_numpy(a).to(world.device, non_blocking=True)
 
-    bar = None
-    if progress and world.main:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} λ={cfg.lmbda}", unit="step")
     prev_delta: torch.Tensor | None = None
     acc: list[tuple[float, float, float]] = []
     mine = list(range(world.rank * cfg.accum * micro, (world.rank + 1) * cfg.accum * micro))
     batches = step_batches(dataset, cfg, start, mine)
-    with open(log_path, "a") if world.main else contextlib.nullcontext() as log:
+    with contextlib.ExitStack() as stack:  # the log and the progress bar close on every way out
+        log = stack.enter_context(open(log_path, "a")) if world.main else None
+        bar = None
+        if progress and world.main:
+            from tqdm import tqdm
+
+            bar = stack.enter_context(tqdm(total=cfg.steps, initial=start, desc=f"{cfg.optimizer} λ={cfg.lmbda}",
+                                           unit="step"))
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             xs = next(batches)
@@ -371,6 +389,9 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
             seconds += time.perf_counter() - t0
             acc.append(tuple(distributed.mean_over_ranks(list(sums / cfg.accum), world)))
             done = step + 1
+            if not np.isfinite(acc[-1]).all():  # the same on every process; the diverged weights are not saved
+                kept = f"; {out} holds the last checkpoint" if out.is_file() else ""
+                raise LicError(f"the training loss became {acc[-1][0]} at step {done}: lower --lr (or --lmbda){kept}")
             if bar is not None:
                 bar.update(1)
             log_now = done % cfg.log_every == 0 or done == cfg.steps
@@ -395,8 +416,6 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
                 save(done)
             if reached:
                 break
-    if bar is not None:
-        bar.close()
     if start >= cfg.steps:
         save(start)
     distributed.barrier(world)
@@ -411,6 +430,9 @@ def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, checkpoint: tu
 
     path = Path(cfg.resume)  # type: ignore[arg-type]
     state, meta = checkpoint
+    if "optimizer" not in meta:
+        raise CheckpointError(f"{path}: is not a checkpoint of `lic-deploy train` (no training state to resume); "
+                              "--init starts a new run from its weights")
     if meta.get("optimizer") != cfg.optimizer or meta.get("arch") != cfg.arch:
         raise CheckpointError(f"{path}: was trained with {meta.get('optimizer')} on {meta.get('arch')}, "
                               f"cannot resume it as {cfg.optimizer} on {cfg.arch}")
@@ -421,27 +443,32 @@ def _resume(cfg: TrainConfig, model: Any, opt: Any, aux_opt: Any, checkpoint: tu
     raw = torch.load(path, map_location="cpu", weights_only=True)
     if "optimizer" not in raw or "aux_optimizer" not in raw:
         raise CheckpointError(f"{path}: has no optimizer state to resume from")
-    torch.nn.Module.load_state_dict(model, state)
+    _load_weights(cfg, model, state, path)
     opt.load_state_dict(raw["optimizer"])
     aux_opt.load_state_dict(raw["aux_optimizer"])
     return int(meta.get("steps", 0)), float(meta.get("seconds", 0.0))
 
 
+def _load_weights(cfg: TrainConfig, model: Any, state: dict[str, Any], path: Path) -> None:
+    """`state` (read from `path`) into `model`; CheckpointError when its shapes do not fit the run's architecture."""
+    import torch
+
+    try:
+        torch.nn.Module.load_state_dict(model, state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: its weights do not fit {cfg.arch} {cfg.arch_config()} "
+                              f"({str(exc).splitlines()[0][:160]})") from None
+
+
 def _init_weights(cfg: TrainConfig, model: Any) -> dict[str, Any]:
     """Load cfg.init's weights into `model` (built from cfg); CheckpointError if its architecture or shapes differ.
     Returns what the run started from: the checkpoint's path, steps, optimizer and lambda."""
-    import torch
-
     from lic_deploy.archs.checkpoint import read_checkpoint
 
     state, meta = read_checkpoint(Path(cfg.init))  # type: ignore[arg-type]
     if meta.get("arch") not in (None, cfg.arch):
         raise CheckpointError(f"{cfg.init}: is a {meta['arch']} checkpoint; --init needs one of the run's {cfg.arch}")
-    try:
-        torch.nn.Module.load_state_dict(model, state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{cfg.init}: its weights do not fit {cfg.arch} {cfg.arch_config()} "
-                              f"({str(exc).splitlines()[0][:160]})") from None
+    _load_weights(cfg, model, state, Path(cfg.init))  # type: ignore[arg-type]
     return {"path": str(cfg.init), **{k: meta[k] for k in ("steps", "optimizer", "lmbda") if k in meta}}
 
 
