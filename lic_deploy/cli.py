@@ -85,7 +85,7 @@ def _encode(args: argparse.Namespace) -> int:
     codec = _codec(args)
     rows = []
     for path, target in _progress(list(zip(files, targets, strict=True)), "encode"):
-        image, grey = load_rgb(path)
+        image, grey = load_rgb(path, max_pixels=codec.max_pixels)
         data, y_hat = codec.encode_array(image, grey=grey)
         _write_atomic(target, data)
         h, w = image.shape[1:]
@@ -541,11 +541,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                    line: str | None = None) -> str:
+    """Warnings about the user's input as one plain line (no source line); others as Python prints them."""
+    from lic_deploy.runtime.images import ImageWarning
+
+    if issubclass(category, ImageWarning):
+        return f"lic-deploy: warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.formatwarning = _format_warning
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit

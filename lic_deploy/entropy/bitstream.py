@@ -194,7 +194,7 @@ def unpack(
         )
     if fingerprint is not None and fp != fingerprint:
         raise BitstreamError(
-            f"stream was encoded with package {fp.hex()[:8]} but this package is {fingerprint.hex()[:8]}"
+            f"stream was encoded with package {fp.hex()} but this package is {fingerprint.hex()}"
         )
     if n_streams is not None and n != n_streams:
         raise BitstreamError(f"stream has {n} payload streams, this package expects {n_streams}")

@@ -7,26 +7,46 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 from lic_deploy.entropy.intnet import IntNet
-from lic_deploy.errors import LicError
+from lic_deploy.errors import BackendUnavailable, LicError
 
 CHOICES = "numpy, ort or torch:DEVICE (torch:cpu, torch:cuda, torch:cuda:N)"
+SPEC = re.compile(r"numpy|ort|torch:(cpu|cuda(:\d+)?)")
 
 
 def check(spec: str) -> str:
-    """The spec itself, or LicError naming the choices."""
-    if spec in ("numpy", "ort") or (spec.startswith("torch:") and spec[6:].split(":")[0] in ("cpu", "cuda")):
+    """The spec itself, or LicError naming the choices (the spelling only; `require` checks the device too)."""
+    if SPEC.fullmatch(spec):
         return spec
     raise LicError(f"unknown integer-network evaluator {spec!r}; choose {CHOICES}")
+
+
+def require(spec: str) -> str:
+    """`check`, then BackendUnavailable unless a "torch:..." evaluator's PyTorch and device are here."""
+    if not check(spec).startswith("torch:"):
+        return spec
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailable(f"--intnet {spec} needs PyTorch: pip install 'lic-deploy[export]'") from None
+    device = spec[6:]
+    if device.startswith("cuda"):
+        index = int(device[5:] or 0)
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= found:
+            raise BackendUnavailable(f"--intnet {spec}: torch {torch.__version__} sees no such CUDA device "
+                                     f"({found} found); use --intnet numpy or ort")
+    return spec
 
 
 def install(model: Any, spec: str, threads: int | None = None) -> None:
     """Replace every IntNet attribute of an entropy model (h_s; ELIC's context networks, also inside lists) with
     the evaluator `spec` of it. "numpy" leaves the model as it is."""
-    check(spec)
+    require(spec)
     if spec == "numpy":
         return
     wrap: Callable[[IntNet], Any]

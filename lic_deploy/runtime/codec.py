@@ -43,13 +43,13 @@ class Codec:
                  max_pixels: int = DEFAULT_MAX_PIXELS, intnet: str | None = None) -> None:
         """`intnet`: where the integer networks run (`entropy.evaluators`: "numpy", "ort", "torch:DEVICE"). None:
         on the engine's device when the engine is PyTorch on CUDA ("torch:cuda..."), else "numpy". Every choice
-        gives the same bits."""
+        gives the same bits; BackendUnavailable when its device is not here."""
         self.package = package if isinstance(package, Package) else Package.open(package)
         self.engine = engine or create_engine(self.package, backend, precision, threads=threads, device=device)
         self.max_pixels = max_pixels
         engine_device = str(getattr(self.engine, "device", "cpu"))
         auto = f"torch:{engine_device}" if engine_device.startswith("cuda") else "numpy"
-        self.intnet = evaluators.check(intnet or auto)
+        self.intnet = evaluators.require(intnet or auto)
         self.threads = threads
         self.timings: dict[str, float] = {}
         self._entropy: EntropyModel | None = None
@@ -89,7 +89,7 @@ class Codec:
         return data, coded.y_hat
 
     def encode_file(self, path: str | os.PathLike) -> bytes:
-        image, grey = load_rgb(path)
+        image, grey = load_rgb(path, max_pixels=self.max_pixels)
         return self.encode_array(image, grey=grey)[0]
 
     def decode_latents(self, data: bytes) -> tuple[Header, np.ndarray]:

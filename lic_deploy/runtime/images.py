@@ -16,7 +16,11 @@ from lic_deploy.errors import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DATA_ENV = "LIC_DEPLOY_DATA"  # folder holding kodak/ and train/ (for example ../shared/data)
 
-Image.MAX_IMAGE_PIXELS = 1 << 28  # Pillow's decompression-bomb guard, raised to 268 MP
+Image.MAX_IMAGE_PIXELS = 1 << 28  # Pillow's decompression-bomb guard, raised to 268 MP (an error beyond twice that)
+
+
+class ImageWarning(UserWarning):
+    """An input image converted with a loss (alpha dropped, 16 bit reduced); the CLI prints it as one plain line."""
 
 
 def list_images(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
@@ -58,30 +62,37 @@ def data_folder(name: str) -> Path | None:
     return None
 
 
-def load_rgb(path: str | os.PathLike, *, warn: bool = True) -> tuple[np.ndarray, bool]:
+def load_rgb(path: str | os.PathLike, *, warn: bool = True, max_pixels: int | None = None) -> tuple[np.ndarray, bool]:
     """Read an image as float32 [3, H, W] in [0, 1] and whether the source was greyscale.
 
     Greyscale is replicated to three channels; RGBA drops alpha and 16-bit images are scaled to 8 bit, each with a
-    warning (the codec stores 8-bit RGB). Raises DataError for unreadable files.
+    warning (an `ImageWarning`: the codec stores 8-bit RGB). Raises DataError for unreadable files and, from the
+    size in the header before any pixel is decoded, for images of more than `max_pixels` pixels.
     """
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # Pillow's bomb warning (1-2x its limit): load_rgb's own cap replaces it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
+            w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise DataError(f"{path}: image of {w}x{h} pixels exceeds the cap of {max_pixels} pixels")
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I", "I;16N"):
                 arr = np.asarray(im, dtype=np.float64)
                 top = 65535.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else 255.0
                 if warn:
-                    warnings.warn(f"{path}: {mode} image reduced to 8 bit", stacklevel=2)
+                    warnings.warn(f"{path}: {mode} image reduced to 8 bit", ImageWarning, stacklevel=2)
                 grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
                 return _to_chw(np.repeat(grey[..., None], 3, axis=2)), True
             if mode in ("L", "1"):
                 grey = np.asarray(im.convert("L"))
                 return _to_chw(np.repeat(grey[..., None], 3, axis=2)), True
             if mode in ("RGBA", "LA", "PA") and warn:
-                warnings.warn(f"{path}: alpha channel dropped", stacklevel=2)
+                warnings.warn(f"{path}: alpha channel dropped", ImageWarning, stacklevel=2)
             if mode not in ("RGB",) and mode not in ("RGBA", "LA", "PA", "P", "CMYK", "YCbCr") and warn:
-                warnings.warn(f"{path}: {mode} image converted to RGB", stacklevel=2)
+                warnings.warn(f"{path}: {mode} image converted to RGB", ImageWarning, stacklevel=2)
             rgb = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(f"{path}: cannot read image ({exc})") from None

@@ -2,7 +2,8 @@
 
 The manifest is the table of contents; every file it names carries a sha256 that is checked when the file is
 first used, so a corrupt or swapped file is reported instead of silently decoding garbage. The fingerprint
-(16 bytes) covers the architecture, geometry, entropy model and every graph: `.lic` streams carry it.
+(16 bytes) covers the architecture, geometry, entropy model and every graph: `.lic` streams carry it. Opening a
+package checks the manifest's structure and that its fingerprint is the one its fields give.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +27,10 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int8-u8s8")
 ENGINE_PRECISIONS = (*PRECISIONS, "bf16")  # bf16: no graph of its own; the torch engine on CUDA casts
+FINGERPRINT_HEX = re.compile(r"[0-9a-fA-F]{32}")  # 16 bytes, as .lic headers carry it
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
+MAX_GEOMETRY = 4096  # bound on pad_multiple, z_stride, min_size (pixels): 64 and 128 in practice
+EXPORT_FLAGS = {"fp16": "--fp16", "int8": "--int8", "int8-u8s8": "--int8 --cpu-int8"}  # lic-deploy export's
 
 
 def file_sha256(path: Path) -> str:
@@ -43,6 +50,64 @@ def fingerprint(manifest: dict[str, Any]) -> str:
                    for s, v in sorted(manifest["stages"].items())},
     }
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+
+
+def _file_name(v: Any) -> bool:
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v
+
+
+def check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
+    """PackageError naming the first field the runtime could not use (missing, of the wrong type or value), or
+    when the recorded fingerprint is not the one the fields give (an edited manifest)."""
+
+    def need(doc: dict[str, Any], key: str, name: str, ok: Callable[[Any], bool], want: str) -> Any:
+        if key not in doc:
+            raise PackageError(f"{mpath}: manifest lacks {name!r}")
+        if not ok(doc[key]):
+            raise PackageError(f"{mpath}: manifest field {name!r} must be {want}, not {json.dumps(doc[key])[:40]}")
+        return doc[key]
+
+    def obj(doc: dict[str, Any], key: str, name: str) -> dict[str, Any]:
+        return need(doc, key, name, lambda v: isinstance(v, dict) and bool(v), "a non-empty object")
+
+    def entry(doc: dict[str, Any], key: str, name: str) -> None:
+        e = obj(doc, key, name)
+        need(e, "file", f"{name}.file", _file_name, "a file name inside the package")
+        need(e, "sha256", f"{name}.sha256", lambda v: isinstance(v, str) and bool(SHA256_HEX.fullmatch(v)),
+             "64 hex digits")
+
+    need(manifest, "arch", "arch", lambda v: isinstance(v, str) and bool(v), "a string")
+    need(manifest, "config", "config", lambda v: isinstance(v, dict), "an object")
+    geometry = obj(manifest, "geometry", "geometry")
+    within = f"an integer in 1..{MAX_GEOMETRY}"
+    pad = need(geometry, "pad_multiple", "geometry.pad_multiple", _int_in(1, MAX_GEOMETRY), within)
+    z_stride = need(geometry, "z_stride", "geometry.z_stride", _int_in(1, MAX_GEOMETRY), within)
+    if "min_size" in geometry:
+        need(geometry, "min_size", "geometry.min_size", _int_in(0, MAX_GEOMETRY), f"an integer in 0..{MAX_GEOMETRY}")
+    if pad % z_stride:
+        raise PackageError(f"{mpath}: manifest field 'geometry.pad_multiple' ({pad}) must be a multiple of "
+                           f"'geometry.z_stride' ({z_stride})")
+    stages = obj(manifest, "stages", "stages")
+    for name in stages:
+        stage = obj(stages, name, f"stages.{name}")
+        for key in ("in_channels", "stride"):
+            need(stage, key, f"stages.{name}.{key}", _int_in(1), "a positive integer")
+        files = obj(stage, "files", f"stages.{name}.files")
+        for precision in files:
+            entry(files, precision, f"stages.{name}.files.{precision}")
+    entry(manifest, "entropy", "entropy")
+    if "torch_weights" in manifest:
+        entry(manifest, "torch_weights", "torch_weights")
+    recorded = need(manifest, "fingerprint", "fingerprint",
+                    lambda v: isinstance(v, str) and bool(FINGERPRINT_HEX.fullmatch(v)), "32 hex digits")
+    actual = fingerprint(manifest)
+    if recorded != actual:
+        raise PackageError(f"{mpath}: manifest fingerprint {recorded} does not match its contents ({actual}): "
+                           "the manifest was edited; re-export the package")
 
 
 @dataclass
@@ -67,9 +132,7 @@ class Package:
         if manifest.get("schema_version") != SCHEMA_VERSION:
             raise PackageError(f"{root}: package schema {manifest.get('schema_version')} is not supported "
                                f"(this build reads {SCHEMA_VERSION}); re-export it")
-        for key in ("arch", "config", "geometry", "stages", "entropy", "fingerprint"):
-            if key not in manifest:
-                raise PackageError(f"{mpath}: manifest lacks {key!r}")
+        check_manifest(manifest, mpath)
         return cls(root, manifest)
 
     @property
@@ -111,7 +174,7 @@ class Package:
         files = stages[stage]["files"]
         if precision not in files:
             raise PackageError(f"{self.root}: stage {stage} has no {precision} graph (has {', '.join(files)}); "
-                               f"re-export with --{precision.split('-')[0]}")
+                               f"re-export with {EXPORT_FLAGS.get(precision, '--' + precision)}")
         return self.verified_path(files[precision])
 
     @cached_property

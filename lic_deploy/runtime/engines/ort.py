@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lic_deploy.errors import LicError
+from lic_deploy.errors import LicError, PackageError
 from lic_deploy.runtime.package import PRECISIONS, Package
 
 
@@ -35,9 +35,24 @@ class OrtEngine:
             # took 116 -> 86 ms (N=128) and 62 -> 29 ms (N=64); whole encodes stayed within their noise.
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             path = self.package.stage_path(stage, self.precision)
-            self._sessions[stage] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            try:
+                self._sessions[stage] = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime's own errors (InvalidProtobuf, InvalidGraph...) are plain Exceptions
+                raise PackageError(f"{path}: ONNX Runtime cannot load this graph ({_one_line(exc)})") from None
         return self._sessions[stage]
 
     def run(self, stage: str, x: np.ndarray) -> np.ndarray:
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, RuntimeException
+
         sess = self.session(stage)
-        return sess.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        try:
+            return sess.run(None, {"input": np.ascontiguousarray(x, dtype=np.float32)})[0]
+        except (Fail, InvalidArgument, RuntimeException, ValueError) as exc:  # another stage's graph
+            raise PackageError(f"{self.package.root}: ONNX Runtime cannot run the {self.precision} {stage} graph on "
+                               f"{list(x.shape)} ({_one_line(exc)})") from None
+
+
+def _one_line(exc: Exception, limit: int = 200) -> str:
+    """An exception's message on one short line (ONNX Runtime's can span several)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
