@@ -62,10 +62,14 @@ def test_explicit_arch_must_match(tmp_path: Path, small_state: dict) -> None:
         load_model(tmp_path / "m.pt", arch="nope")
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", bytes(range(256)) * 10])
-def test_corrupt_file(tmp_path: Path, content: bytes) -> None:
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "not a PyTorch checkpoint"), (b"not a checkpoint at all", "not a PyTorch checkpoint"),
+    (bytes(range(256)) * 10, "not a PyTorch checkpoint"), (b"PK\x03\x04" + bytes(60), "not a loadable PyTorch"),
+    (b"\x80\x02junk", "not a loadable PyTorch")])
+def test_corrupt_file(tmp_path: Path, content: bytes, message: str) -> None:
+    """Neither a zip archive nor a pickle: said so; either of them but broken: torch's reason, one line."""
     (tmp_path / "bad.pt").write_bytes(content)
-    with pytest.raises(CheckpointError, match="not a loadable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path / "bad.pt")
 
 

@@ -31,7 +31,7 @@ def test_export_bad_inputs(tmp_path: Path, ckpt_mbt: Path, capsys: pytest.Captur
     (tmp_path / "empty").mkdir()
     (tmp_path / "exists").mkdir()
     cases = [
-        (["export", str(tmp_path / "junk.pt"), "-o", str(tmp_path / "p1")], "not a loadable PyTorch checkpoint"),
+        (["export", str(tmp_path / "junk.pt"), "-o", str(tmp_path / "p1")], "not a PyTorch checkpoint"),
         (["export", str(tmp_path / "missing.pt"), "-o", str(tmp_path / "p2")], "no such checkpoint"),
         (["export", str(ckpt_mbt), "-o", str(tmp_path / "exists")], "already exists"),
         (["export", str(ckpt_mbt), "-o", str(tmp_path / "p3"), "--calib", str(tmp_path / "empty")], "no images"),

@@ -45,6 +45,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # torch.save: a zip, or (legacy) a pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a pickle; this "
+                              "file is neither)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for non-checkpoints; all mean "not loadable"
@@ -121,6 +126,10 @@ def load_model(path: str | os.PathLike, arch: str | None = None) -> LoadedModel:
 
     # torch's own loader, not CompressAI's (which insists on the derived buffers); `update()` rebuilds those.
     weights = {k: v for k, v in state.items() if not k.endswith(_DERIVED)}
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values (did training diverge?); "
+                              "the model cannot be used")
     torch.nn.Module.load_state_dict(model, weights, strict=False)
     model.eval()
     return LoadedModel(model, name, config, Path(path), file_sha256(Path(path)), meta)

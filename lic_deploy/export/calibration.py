@@ -25,6 +25,9 @@ DATA_PREFIX = "data:"
 # The colour photographs that ship inside scikit-image's wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "retina.jpg", "rocket.jpg")
+# Every crop is held in memory as float32 during export: refuse sets larger than this many bytes.
+CALIB_MAX_BYTES = 4 << 30
+CROP_MAX_SIDE = 1 << 16  # bound on every number in a manifest box (pixels)
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ def select_crops(source: str | os.PathLike, count: int, *, seed: int = 0, size: 
     """
     if count < 1:
         raise DataError("calibration count must be at least 1")
+    if seed < 0:
+        raise DataError(f"calibration seed must be a non-negative integer, got {seed}")
     root, files = _source_files(str(source))
     rng = np.random.default_rng(seed)
     crops: list[Crop] = []
@@ -135,21 +140,56 @@ def manifest(source: str | os.PathLike, crops: list[Crop], *, seed: int, size: i
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[str, list[Crop], dict[str, Any]]:
-    """Source, crops and the raw manifest from a JSON file written by `manifest`."""
+    """Source, crops and the raw manifest from a JSON file written by `manifest`; DataError naming the first bad
+    entry unless there is at least one crop and every box is [top, left, height, width] of one common size."""
     try:
         raw = json.loads(Path(path).read_text())
-        crops = [Crop(c["file"], c["sha256"], tuple(int(v) for v in c["box"])) for c in raw["crops"]]
-        return str(raw["source"]), crops, raw
+        source, entries = str(raw["source"]), raw["crops"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{path}: not a calibration manifest ({exc})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{path}: a calibration manifest needs a non-empty list of crops")
+    crops = []
+    for i, c in enumerate(entries):
+        box = c.get("box") if isinstance(c, dict) else None
+        if not (isinstance(c, dict) and isinstance(c.get("file"), str) and isinstance(c.get("sha256"), str)
+                and isinstance(box, list) and len(box) == 4
+                and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= CROP_MAX_SIDE for v in box)
+                and box[2] > 0 and box[3] > 0):
+            raise DataError(f"{path}: crop {i} ({json.dumps(c)[:120]}) is not {{file, sha256, box: [top, left, "
+                            f"height, width]}} with whole numbers 0..{CROP_MAX_SIDE} and a positive size")
+        crops.append(Crop(c["file"], c["sha256"], tuple(box)))
+        if box[2:] != list(crops[0].box[2:]):
+            raise DataError(f"{path}: crop {i} is {box[2]}x{box[3]} pixels but crop 0 is "
+                            f"{crops[0].box[2]}x{crops[0].box[3]}; all calibration crops must have one size")
+    return source, crops, raw
 
 
-def calibration_set(calib: str | os.PathLike | None, count: int, *, seed: int = 0,
-                    size: int = 256) -> tuple[list[np.ndarray], dict[str, Any]]:
-    """Crops and their manifest from a folder, a manifest file (`.json`), or scikit-image's photos (None)."""
+def _check_set(count: int, height: int, width: int, multiple: int, min_size: int) -> None:
+    """DataError for crops the model cannot take or that would need more than CALIB_MAX_BYTES of memory."""
+    least = max(multiple, min_size)
+    if height % multiple or width % multiple or min(height, width) < least:
+        raise DataError(f"calibration crops of {height}x{width} pixels: the model pads images to multiples of "
+                        f"{multiple} pixels, at least {least}; use a crop size (--calib-size) that is a "
+                        f"multiple of {multiple} and at least {least}")
+    need = count * 3 * height * width * 4
+    if need > CALIB_MAX_BYTES:
+        raise DataError(f"{count} calibration crops of {height}x{width} pixels need {need / 2**30:.1f} GiB of "
+                        f"memory, over the {CALIB_MAX_BYTES / 2**30:.0f} GiB limit; use fewer or smaller crops")
+
+
+def calibration_set(calib: str | os.PathLike | None, count: int, *, seed: int = 0, size: int = 256,
+                    multiple: int = 1, min_size: int = 1) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """Crops and their manifest from a folder, a manifest file (`.json`), or scikit-image's photos (None).
+
+    DataError, before any image is read, unless the crops' sides are multiples of `multiple` (the model's padding)
+    and at least `min_size`, and they fit in CALIB_MAX_BYTES."""
     if calib is not None and str(calib).endswith(".json"):
         source, crops, raw = read_manifest(calib)
+        _check_set(len(crops), *crops[0].box[2:], multiple, min_size)
         return load_crops(source, crops), raw
+    if count >= 1:  # select_crops refuses the others
+        _check_set(count, size, size, multiple, min_size)
     source = SKIMAGE if calib is None else calib
     crops = select_crops(source, count, seed=seed, size=size)
     return load_crops(source, crops), manifest(source, crops, seed=seed, size=size)

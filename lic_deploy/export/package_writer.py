@@ -91,8 +91,9 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
                    log: Callable[[str], None] = print) -> Path:
     """Export `checkpoint` to the package directory `out` and return its path.
 
-    Raises PackageError if `out` exists (unless overwrite) and LicError subclasses for bad input; on any failure
-    nothing is left at `out`.
+    Raises PackageError if `out` exists (unless overwrite, and then only a package or an empty folder is
+    replaced) and LicError subclasses for bad input; on any failure nothing is left at, or lost from, `out`.
+    Missing parent folders are created.
     """
     from lic_deploy.archs.checkpoint import load_model
     from lic_deploy.archs.registry import get_adapter
@@ -101,8 +102,11 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
     opts = options or ExportOptions()
     out = Path(out)
     precisions = ["fp32", *[p for p in opts.precisions if p != "fp32"]]
-    if out.exists() and not opts.overwrite:
-        raise PackageError(f"{out} already exists; choose another -o or pass --force")
+    unknown = [p for p in precisions if p not in ("fp32", "fp16", *INT8_VARIANTS)]
+    if unknown:
+        raise LicError(f"unknown precision {unknown[0]!r}")
+    dest = Path(os.path.realpath(out))  # (not Path.resolve: it raises on a symlink loop)
+    _check_output(out, dest, opts.overwrite)
     t0 = time.perf_counter()
     loaded = load_model(checkpoint, arch)
     spec = get_adapter(loaded.arch).spec(loaded.model)
@@ -115,12 +119,16 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             raise LicError("--fallback auto applies to INT8 graphs: add --int8")
         lmbda = fallback_lmbda(opts.lmbda, loaded.metadata)
     crops, calib_manifest = calibration_set(opts.calib, opts.calib_count, seed=opts.calib_seed,
-                                            size=opts.calib_size)
+                                            size=opts.calib_size, multiple=spec.pad_multiple,
+                                            min_size=spec.min_size)
     calib_inputs = [stage_inputs(spec, c[None]) for c in crops]
     verify, verify2 = (stage_inputs(spec, v) for v in _verification_images(spec))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    except OSError as exc:
+        raise PackageError(f"cannot write the package {out} ({exc.strerror or exc})") from None
     try:
         stages: dict[str, Any] = {}
         for name, stage in spec.stages.items():
@@ -141,11 +149,9 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
                 path = tmp / f"{name}.{precision}.onnx"
                 if precision == "fp16":
                     convert_fp16(fp32, path)
-                elif precision in INT8_VARIANTS:
+                else:  # an INT8 variant (precisions are checked on entry)
                     quantize_int8(fp32, path, [c[name] for c in calib_inputs],
                                   method=opts.calib_method, variant=precision)
-                else:
-                    raise LicError(f"unknown precision {precision!r}")
                 sq = sqnr_db(ref, _ort_run(path, x))
                 files[precision] = {"file": path.name, "sqnr_db": sq}
                 log(f"  {name}: {precision} SQNR {sq:.1f} dB")
@@ -191,14 +197,61 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in [tmp, *tmp.iterdir()]:
             path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():  # --force: replace only once the new package is complete
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _check_output(out, dest, opts.overwrite)  # again: the folder may have changed meanwhile
+        if dest.exists():  # --force: move the old package aside, put the new one in place, then delete the old
+            old = tmp.with_name(f"{tmp.name}.old")
+            os.replace(dest, old)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(f"wrote {out} (fingerprint {manifest['fingerprint'][:8]}, {manifest['export_seconds']} s)")
     return out
+
+
+def _check_output(out: Path, dest: Path, overwrite: bool) -> None:
+    """PackageError unless the package can be written at `out` (`dest`: resolved): the nearest existing folder
+    above it is a folder, and `out` is absent or, with overwrite, a codec package or an empty folder that does
+    not hold the current directory."""
+    try:
+        parent = next((p for p in dest.parents if p.exists() or p.is_symlink()), dest)
+        problem = _output_problem(out, dest, overwrite) if parent.is_dir() else f"{parent} is not a folder"
+    except OSError as exc:  # a folder on the way that cannot be read
+        problem = exc.strerror or str(exc)
+    if problem:
+        raise PackageError(f"cannot write the package {out}: {problem}")
+
+
+def _output_problem(out: Path, dest: Path, overwrite: bool) -> str | None:
+    """Why `out` cannot be (re)placed, or None."""
+    if not (out.exists() or out.is_symlink()):
+        return None
+    if not overwrite:
+        return "it already exists; choose another -o or pass --force"
+    if out.is_symlink() or not out.is_dir():
+        return "it is not a folder; --force only replaces a codec package, nothing was deleted"
+    cwd = Path.cwd().resolve()
+    if cwd == dest or cwd.is_relative_to(dest):
+        return "it holds the current directory; --force never replaces it, nothing was deleted"
+    if any(dest.iterdir()) and not _is_package(dest):
+        return (f"it is not a codec package (no lic-deploy {MANIFEST}); --force only replaces a package or an "
+                "empty folder, nothing was deleted")
+    return None
+
+
+def _is_package(folder: Path) -> bool:
+    """Whether `folder` holds a lic-deploy package manifest."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("schema") == SCHEMA
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _ort_checked(path: Path, x: np.ndarray, stage: str) -> np.ndarray:
