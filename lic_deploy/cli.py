@@ -360,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target of --fallback auto, percent of the FP32 rate (default 1.0)")
     p.add_argument("--lmbda", type=float, help="the model's training lambda for --fallback auto (default: from "
                    "the checkpoint's metadata)")
-    p.add_argument("--force", action="store_true", help="replace an existing package (only once complete)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing package (only once the new one is complete; a folder that is not a "
+                   "codec package, or holds the current directory, is never replaced)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("calib", help="write a calibration manifest (which files, which crops)",
