@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lic_deploy import __version__
 from lic_deploy.errors import LicError
@@ -47,12 +50,16 @@ def _progress(items: list, desc: str):
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """`data` to `path` through a temporary file beside it (short-named: `path`'s own name may be at the limit)."""
+    import tempfile
+
+    fd, name = tempfile.mkstemp(prefix=".lic-", suffix=".tmp", dir=path.parent)
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(name, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
 
 
 def _out_dir(path: str) -> Path:
@@ -63,14 +70,17 @@ def _out_dir(path: str) -> Path:
     return out
 
 
-def _targets(files: list[Path], out: Path, suffix: str) -> list[Path]:
-    """out/STEM.suffix for each input; LicError when two inputs (x.png, x.jpg) would write the same file."""
+def _targets(files: list[Path], out: Path, suffix: str, force: bool) -> list[Path]:
+    """out/STEM.suffix for each input; LicError when two inputs (x.png, x.jpg) would write the same file, or one
+    exists already (a source image, say) and `force` is off."""
     seen: dict[Path, Path] = {}
     for path in files:
         target = out / f"{path.stem}.{suffix}"
         if target in seen:
             raise LicError(f"{seen[target]} and {path} would both be written to {target}: give them separately, "
                            "each with its own -o")
+        if target.exists() and not force:
+            raise LicError(f"{target} exists; pass --force to replace it (or choose another -o)")
         seen[target] = path
     return list(seen)
 
@@ -81,7 +91,7 @@ def _encode(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.images)
     out = _out_dir(args.output)
-    targets = _targets(files, out, "lic")
+    targets = _targets(files, out, "lic", args.force)
     codec = _codec(args)
     rows = []
     for path, target in _progress(list(zip(files, targets, strict=True)), "encode"):
@@ -107,7 +117,7 @@ def _decode(args: argparse.Namespace) -> int:
 
     files = expand_inputs(args.streams, (".lic",))
     out = _out_dir(args.output)
-    targets = _targets(files, out, args.format)
+    targets = _targets(files, out, args.format, args.force)
     codec = _codec(args)
     for path, target in _progress(list(zip(files, targets, strict=True)), "decode"):
         try:
@@ -155,6 +165,8 @@ def _arch_options(text: str) -> dict[str, int]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip().isdigit() or int(value) < 1:
             raise argparse.ArgumentTypeError(f"expected KEY=POSITIVE_INT[,KEY=...], got {item!r}")
+        if key.strip() in out:
+            raise argparse.ArgumentTypeError(f"{key.strip()} is given twice in {text!r}")
         out[key.strip()] = int(value)
     return out
 
@@ -276,8 +288,10 @@ def _report(args: argparse.Namespace) -> int:
 
         if not args.output:
             raise LicError("report with several results files needs -o DIR (the merged results.json goes there)")
-        results = merge_results([load_results(r) for r in args.results], args.results)
         out = Path(args.output)
+        if any(Path(r).resolve() == (out / "results.json").resolve() for r in args.results):
+            raise LicError(f"-o {out} holds one of the results files the merge reads; choose another folder")
+        results = merge_results([load_results(r) for r in args.results], args.results)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "results.json", finite(results))
     an = analyse(results)
@@ -299,28 +313,57 @@ def _csv(choices: Sequence[str]):
     return parse
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+def _integer(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _nonnegative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+    return _integer(text, 0)
+
+
+def _number(low: float, high: float, *, open_low: bool = False) -> Any:
+    """An argparse type: a finite float in [low, high] ((low, high] with open_low)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number in {'(' if open_low else '['}{low:g}, {high:g}], "
+                                             f"got {text}")
+        return value
+
+    return parse
+
+
+PERCENT = _number(0, 100, open_low=True)  # --fallback-target
+
+
+def _bounded(most: int, least: int = 1) -> Any:
+    """An argparse type: a whole number in [least, most] (bounds that keep a typo from exhausting memory)."""
+
+    def parse(text: str) -> int:
+        value = _integer(text, least)
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
+        return value
+
+    return parse
 
 
 MAX_THREADS = 256  # more threads than this is a typo (each one costs memory in the engines' pools)
-
-
-def _threads(text: str) -> int:
-    value = _positive(text)
-    if value > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {value}")
-    return value
+_threads = _bounded(MAX_THREADS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fallback", choices=("none", "auto"), default="none",
                    help="with --int8: 'auto' keeps the most INT8-sensitive layers (lowest per-layer SQNR) in FP32 "
                    "until the rate-equivalent PTQ loss on the calibration crops is at most --fallback-target")
-    p.add_argument("--fallback-target", type=float, default=1.0, metavar="PCT",
+    p.add_argument("--fallback-target", type=PERCENT, default=1.0, metavar="PCT",
                    help="target of --fallback auto, percent of the FP32 rate (default 1.0)")
     p.add_argument("--lmbda", type=float, help="the model's training lambda for --fallback auto (default: from "
                    "the checkpoint's metadata)")
@@ -409,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation image folder (for example Kodak)")
     p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
     p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
-    p.add_argument("--batch", type=_positive, default=8)
+    p.add_argument("--batch", type=_bounded(1024), default=8)
     p.add_argument("--patch", type=_positive, default=128,
                    help="crop side: a multiple of 64 (TCM: of 128, at least 256) (128)")
     p.add_argument("--downscale", type=int, default=256,
@@ -426,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CKPT",
                    help="start a new run from CKPT's weights (same architecture and config; any optimizer and "
                    "lambda), with a fresh optimizer and step 0: how further rate points are trained from one")
-    p.add_argument("--until-val-loss", type=float, metavar="LOSS",
+    p.add_argument("--until-val-loss", type=_number(0, math.inf, open_low=True), metavar="LOSS",
                    help="stop at the first validation whose loss is at or below LOSS (an equal-quality model; "
                    "needs --val)")
     p.add_argument("--threads", type=_threads, help="torch CPU threads")
@@ -438,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and eigenbases stay float32): faster products on CPUs with AVX512-BF16 or AMX (2.5-2.8x here) and "
                    "on GPUs; updates within bfloat16 rounding of the float32 ones, loss curves within seed noise "
                    "(docs/benchmarks.md). A resume keeps the run's own")
-    p.add_argument("--max-seconds", type=float, metavar="S",
+    p.add_argument("--max-seconds", type=_number(0, math.inf, open_low=True), metavar="S",
                    help="stop and save once S seconds of training have run (a wall-clock budget)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where to train (default cpu); under torchrun with cuda each process takes cuda:LOCAL_RANK")
@@ -454,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
                    help="memory: hold every image (small folders); stream: decode crops per step, folders of any "
                    "size and depth; auto (default): stream for nested folders, over 2000 images or with --workers")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader processes decoding crops (stream mode; 0)")
+    p.add_argument("--workers", type=_bounded(64, least=0), default=0,
+                   help="DataLoader processes decoding crops (stream mode; 0; at most 64)")
     p.add_argument("--small", choices=("skip", "upscale"), default="skip",
                    help="stream mode: images smaller than the crop are skipped (default) or upscaled to it")
     p.set_defaults(func=_train)
@@ -489,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="INT8 calibration methods, comma-separated (default minmax)")
     p.add_argument("--backends", type=_csv(BACKENDS), default=["ort"], help="comma-separated (default ort)")
     p.add_argument("--images", type=_nonnegative, default=0, help="use the first N images (default 0: all)")
-    p.add_argument("--repeat", type=_positive, default=5, help="timed runs for the latency medians (default 5)")
+    p.add_argument("--repeat", type=_bounded(1000), default=5, help="timed runs for the latency medians (default 5)")
     p.add_argument("--warmup", type=_positive, default=1, help="untimed runs before timing (default 1)")
     p.add_argument("--threads", type=_threads, default=2, help="CPU threads (default 2)")
     p.add_argument("--calib", help="calibration folder or manifest .json (default: scikit-image's photos)")
@@ -500,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "repeatable")
     p.add_argument("--outlier-images", type=_nonnegative, default=2,
                    help="images for the outlier statistics (default 2; 0 skips them)")
-    p.add_argument("--fallback-target", type=float, metavar="PCT",
+    p.add_argument("--fallback-target", type=PERCENT, metavar="PCT",
                    help="also measure INT8 with --fallback auto at this target (percent)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where the GPU engines run: with cuda, --backends torch runs PyTorch CUDA (fp32, fp16, bf16) "
@@ -530,6 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders of images")
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.add_argument("--no-psnr", action="store_true", help="skip the reconstruction used to report PSNR")
+    p.add_argument("--force", action="store_true", help="replace .lic files that exist in the output folder")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("decode", help=".lic bitstreams -> images",
@@ -539,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("streams", nargs="+", help=".lic files or folders of them")
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.add_argument("--format", choices=("png", "bmp", "tif", "ppm"), default="png", help="image format (png)")
+    p.add_argument("--force", action="store_true",
+                   help="replace images that exist in the output folder (without it, never a source photo)")
     p.set_defaults(func=_decode)
     return parser
 
@@ -556,12 +603,17 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
 _python_format_warning = warnings.formatwarning
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.formatwarning = _format_warning
+    signal.signal(signal.SIGTERM, _terminated)  # as Ctrl-C: temporary files and folders are removed on the way out
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a reader that went away shows here, not at interpreter exit

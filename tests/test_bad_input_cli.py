@@ -72,6 +72,13 @@ def test_a_closed_stdout_ends_quietly(tiny_data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["encode", "PKG", "IMG", "-o", "OUT", "--threads", "100000"],
+    ["train", "--data", "D", "-o", "x.pt", "--batch", "100000"],
+    ["train", "--data", "D", "-o", "x.pt", "--workers", "100000"],
+    ["train", "--data", "D", "-o", "x.pt", "--max-seconds", "nan"],
+    ["train", "--data", "D", "-o", "x.pt", "--until-val-loss", "-1"],
+    ["export", "CKPT", "--fallback-target", "nan", "-o", "PKG"],
+    ["bench", "MODEL", "--data", "DIR", "--fallback-target", "1000"],
+    ["bench", "MODEL", "--data", "DIR", "--repeat", "100000000"],
     ["calib", "DIR", "-o", "c.json", "--seed", "-1"],
     ["export", "CKPT", "--calib-seed", "-1", "-o", "PKG"],
     ["bench", "MODEL", "--data", "DIR", "--images", "-1"],
@@ -80,7 +87,14 @@ def test_a_closed_stdout_ends_quietly(tiny_data: Path, tmp_path: Path) -> None:
 def test_out_of_range_numbers_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    assert exc.value.code == 2 and "must be at" in capsys.readouterr().err
+    assert exc.value.code == 2 and "must be" in capsys.readouterr().err
+
+
+def test_argument_errors_do_not_name_internal_functions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--data", "D", "-o", "x.pt", "--steps", "abc"])
+    err = capsys.readouterr().err
+    assert "expected a whole number, got 'abc'" in err and "_positive" not in err
 
 
 def test_cpu_int8_needs_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,6 +106,8 @@ def test_cpu_int8_needs_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     (["--lmbda", "nan"], "--lmbda"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"), (["--clip", "-1"], "--clip"),
     (["--N", "100000"], "at most"), (["--arch-config", "slices=3"], "--arch tcm only"),
     (["--downscale", "-5"], "--downscale"),
+    (["--arch", "tcm", "--patch", "256", "--arch-config", "depth=1000"], "at most"), (["--arch", "elic", "--M", "136",
+                                                                     "--context-widths", "100000,8"], "at most"),
 ])
 def test_train_refuses_impossible_settings_before_training(tiny_data: Path, tmp_path: Path, extra: list[str],
                                                            needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,6 +150,34 @@ def test_a_diverging_run_stops_without_saving_its_weights(tiny_data: Path, tmp_p
     assert main(_train(tiny_data, out, "--lr", "1e30", "--steps", "6", "--warmup", "0")) == 2
     _one_error_line(capsys, "became", "lower --lr")
     assert not out.exists()
+    assert main(_train(tiny_data, out)) == 2  # its log is left: a new run does not append to it
+    _one_error_line(capsys, "a.pt.jsonl exists")
+
+
+def test_encode_and_decode_never_replace_files_without_force(package_mbt: Path, image_dir: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Decoding next to the source photo would replace it with the reconstruction: refused; --force replaces."""
+    photo = tmp_path / "img0.png"
+    photo.write_bytes((image_dir / "img0.png").read_bytes())
+    assert main(["encode", str(package_mbt), str(photo), "-o", str(tmp_path), "--no-psnr"]) == 0
+    stream = (tmp_path / "img0.lic").read_bytes()
+    assert main(["decode", str(package_mbt), str(tmp_path / "img0.lic"), "-o", str(tmp_path)]) == 2
+    _one_error_line(capsys, "img0.png exists", "--force")
+    assert photo.read_bytes() == (image_dir / "img0.png").read_bytes()
+    assert main(["encode", str(package_mbt), str(photo), "-o", str(tmp_path)]) == 2
+    _one_error_line(capsys, "img0.lic exists")
+    assert main(["encode", str(package_mbt), str(photo), "-o", str(tmp_path), "--no-psnr", "--force"]) == 0
+    assert (tmp_path / "img0.lic").read_bytes() == stream  # deterministic: the same bytes again
+
+
+def test_report_never_overwrites_an_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a").mkdir()
+    first, second = tmp_path / "a" / "results.json", tmp_path / "b.json"
+    for f in (first, second):
+        f.write_text("{}")
+    assert main(["report", str(first), str(second), "-o", str(tmp_path / "a")]) == 2
+    _one_error_line(capsys, "holds one of the results files")
+    assert first.read_text() == "{}"
 
 
 def test_malformed_training_logs_and_results_are_refused(tmp_path: Path) -> None:
@@ -153,3 +197,7 @@ def test_malformed_training_logs_and_results_are_refused(tmp_path: Path) -> None
             load_results(path)
     path.write_text(json.dumps(good))
     assert load_results(path)["rows"] == []
+    with pytest.raises(DataError, match="not a regular file"):
+        read_rows(tmp_path)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_results("/dev/zero")

@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lic_deploy.bench.textfile import read_text
 from lic_deploy.errors import DataError
 
 
@@ -39,9 +40,10 @@ class Convergence:
 def read_rows(path: str | os.PathLike) -> list[dict]:
     """Every row of a training log (JSONL written by `lic-deploy train`), in file order; DataError unless each
     is an object with an integer step and numbers for its losses, seconds and lr."""
+    text = read_text(path, "a lic-deploy training log")
     try:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    except (OSError, ValueError) as exc:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except ValueError as exc:
         raise DataError(f"{path}: not a lic-deploy training log ({exc})") from None
     for i, row in enumerate(rows, 1):
         if not (isinstance(row, dict) and type(row.get("step")) is int and all(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lic_deploy.bench.textfile import read_text
 from lic_deploy.errors import LicError
 
 SCHEMA = "lic-deploy/bench"
@@ -108,10 +109,13 @@ def parse_label(text: str) -> tuple[str, float, str | None]:
     try:
         if len(parts) not in (2, 3) or not parts[0] or (len(parts) == 3 and not parts[2]):
             raise ValueError
-        return parts[0].lower(), float(parts[1]), parts[2] if len(parts) == 3 else None
+        lmbda = float(parts[1])
+        if not (math.isfinite(lmbda) and lmbda > 0):
+            raise ValueError
+        return parts[0].lower(), lmbda, parts[2] if len(parts) == 3 else None
     except ValueError:
-        raise LicError(f"label {text!r} is not OPTIMIZER:LAMBDA[:FAMILY] (for example adam:0.013 or "
-                       "adam:0.013:adam-lr5e-4)") from None
+        raise LicError(f"label {text!r} is not OPTIMIZER:LAMBDA[:FAMILY] with a positive LAMBDA (for example "
+                       "adam:0.013 or adam:0.013:adam-lr5e-4)") from None
 
 
 def run_family(optimizer: str, metadata: Mapping[str, Any]) -> str:
@@ -499,8 +503,8 @@ RESULT_FIELDS = {"models": ("name",), "rows": ("model", "variant", "image", "bpp
 def load_results(path: str | os.PathLike) -> dict[str, Any]:
     """A results.json written by `run_bench`; LicError for anything else or another schema version."""
     try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+        doc = json.loads(read_text(path, "a lic-deploy bench results file"))
+    except ValueError as exc:
         raise LicError(f"{path}: not a readable results file ({exc})") from None
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise LicError(f"{path}: not a lic-deploy bench results file")

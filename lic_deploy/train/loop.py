@@ -29,7 +29,8 @@ from lic_deploy.errors import CheckpointError, DataError, LicError
 
 STREAM_ABOVE = 2000  # --data-mode auto streams folders with more images than this (or with subfolders)
 DATA_MODES = ("auto", "memory", "stream")
-MAX_CHANNELS = 1024  # --N and --M at most this (wider models would not fit a training machine's memory anyway)
+MAX_CHANNELS = 1024  # --N, --M and every width at most this (wider models would not fit a training machine anyway)
+MAX_BLOCKS = 32  # TCM's slices and depth at most this (its published models: 5 and 2)
 
 
 @dataclass
@@ -152,11 +153,19 @@ def _check(cfg: TrainConfig) -> None:
                        f"{cfg.downscale}")
     if cfg.arch_options and cfg.arch != "tcm":
         raise LicError("--arch-config applies to --arch tcm only (ELIC's context widths: --context-widths)")
+    options = cfg.arch_options or {}
+    if any(w > MAX_CHANNELS for w in (*(cfg.context_widths or ()), *options.values())) or any(
+            options.get(k, 0) > MAX_BLOCKS for k in ("slices", "depth")):
+        raise LicError(f"--context-widths and --arch-config widths must be at most {MAX_CHANNELS}, slices and depth "
+                       f"at most {MAX_BLOCKS}")
     out = Path(cfg.output)
     if out.is_dir() or not out.parent.is_dir():
         raise LicError(f"-o {out}: expected a checkpoint file in an existing folder")
-    if out.exists() and not cfg.resume:
+    log = out.with_suffix(out.suffix + ".jsonl")
+    if not cfg.resume and out.exists():
         raise LicError(f"-o {out} exists: continue it with --resume {out}, or choose another -o")
+    if not cfg.resume and log.exists():
+        raise LicError(f"{log} exists, the log of an earlier run without a checkpoint: remove it or choose another -o")
     if not Path(cfg.data).is_dir():
         raise DataError(f"training data folder {cfg.data} does not exist")
     if cfg.val and not Path(cfg.val).is_dir():
