@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and eigenbases stay float32): faster products on CPUs with AVX512-BF16 or AMX (2.5-2.8x here) and "
                    "on GPUs; updates within bfloat16 rounding of the float32 ones, loss curves within seed noise "
                    "(docs/benchmarks.md). A resume keeps the run's own")
-    p.add_argument("--max-seconds", type=_number(0, math.inf, open_low=True), metavar="S",
+    p.add_argument("--max-seconds", type=_number(0, math.inf), metavar="S",
                    help="stop and save once S seconds of training have run (a wall-clock budget)")
     p.add_argument("--device", default="cpu", metavar="cpu|cuda[:N]",
                    help="where to train (default cpu); under torchrun with cuda each process takes cuda:LOCAL_RANK")

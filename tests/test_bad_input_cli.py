@@ -74,7 +74,7 @@ def test_a_closed_stdout_ends_quietly(tiny_data: Path, tmp_path: Path) -> None:
     ["encode", "PKG", "IMG", "-o", "OUT", "--threads", "100000"],
     ["train", "--data", "D", "-o", "x.pt", "--batch", "100000"],
     ["train", "--data", "D", "-o", "x.pt", "--workers", "100000"],
-    ["train", "--data", "D", "-o", "x.pt", "--max-seconds", "nan"],
+    ["train", "--data", "D", "-o", "x.pt", "--max-seconds", "-1"],
     ["train", "--data", "D", "-o", "x.pt", "--until-val-loss", "-1"],
     ["export", "CKPT", "--fallback-target", "nan", "-o", "PKG"],
     ["bench", "MODEL", "--data", "DIR", "--fallback-target", "1000"],

@@ -161,3 +161,73 @@ def test_unknown_precision_is_refused_before_any_work(tiny: Path, tmp_path: Path
     with pytest.raises(LicError, match="unknown precision 'int4'"):
         export_package(tmp_path / "absent.pt", tmp_path / "pkg", options=ExportOptions(precisions=("fp32", "int4")),
                        log=quiet)
+
+
+def test_force_keeps_a_package_folder_holding_foreign_files(tiny: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from lic_deploy.cli import main
+
+    out = tmp_path / "pkg"
+    export_package(tiny, out, options=QUICK, log=quiet)
+    first = json.loads((out / "manifest.json").read_text())
+    force = ExportOptions(calib_count=1, calib_size=64, overwrite=True, calib_seed=1)
+    (out / "photo.lic").write_bytes(b"my stream")
+    with pytest.raises(PackageError, match=r"'photo\.lic'.*not part of the codec package.*nothing was deleted") as e:
+        export_package(tiny, out, options=force, log=quiet)
+    assert "\n" not in str(e.value) and (out / "photo.lic").read_bytes() == b"my stream"
+    (out / "photo.lic").unlink()
+    (out / "mydata").mkdir()
+    capsys.readouterr()
+    (out / "mydata" / "notes.txt").write_text("mine")
+    assert main(["export", str(tiny), "-o", str(out), "--force", "--calib-count", "1", "--calib-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    assert "'mydata/'" in err, err
+    assert "nothing was deleted" in err
+    assert (out / "mydata" / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "manifest.json").read_text()) == first  # the old package is untouched too
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+    (out / "mydata" / "notes.txt").unlink()
+    (out / "mydata").rmdir()
+    export_package(tiny, out, options=force, log=quiet)  # a clean package (with its calib.json, weights): replaced
+    assert json.loads((out / "manifest.json").read_text())["calibration"]["seed"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]
+
+
+def _golden_with_entropy(tmp_path: Path, data: bytes, **geometry: int) -> Path:
+    """A copy of the golden package whose entropy.npz is `data`, its sha256 and the fingerprint recomputed."""
+    import hashlib
+    import shutil
+
+    from lic_deploy.runtime.package import fingerprint
+
+    root = tmp_path / "forged"
+    shutil.copytree(Path(__file__).parent / "golden" / "package", root)
+    (root / "entropy.npz").write_bytes(data)
+    m = json.loads((root / "manifest.json").read_text())
+    m["entropy"]["sha256"] = hashlib.sha256(data).hexdigest()
+    m["geometry"].update(geometry)
+    m["fingerprint"] = fingerprint(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+    return root
+
+
+def test_another_packages_entropy_model_is_a_package_error(tiny: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    from lic_deploy.runtime.codec import Codec
+
+    other = export_package(tiny, tmp_path / "tiny_pkg", options=QUICK, log=quiet)  # N=M=8, golden: 16, 24
+    data = (other / "entropy.npz").read_bytes()
+    image = np.random.default_rng(0).random((3, 40, 50)).astype(np.float32)
+    stream = (Path(__file__).parent / "golden" / "stream.lic").read_bytes()
+    root = _golden_with_entropy(tmp_path, data)
+    with pytest.raises(PackageError, match=r"entropy\.npz: entropy model has y_channels=8 .* another package"):
+        Codec(root).encode_array(image)
+    with pytest.raises(PackageError, match=r"entropy\.npz: .* another package"):
+        Codec(root).decode(stream)
+    # the geometry forged to match too: the graphs' latents do not fit the entropy model
+    root2 = _golden_with_entropy(tmp_path / "2", data, y_channels=8, z_channels=8)
+    with pytest.raises(PackageError, match=r"expects 8 channels .*different packages") as info:
+        Codec(root2).encode_array(image)
+    assert "\n" not in str(info.value)

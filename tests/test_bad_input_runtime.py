@@ -180,3 +180,39 @@ def test_image_warning_is_one_plain_line(tmp_path: Path) -> None:
     assert text == f"lic-deploy: warning: {path}: alpha channel dropped\n"
     other = _format_warning("x", RuntimeWarning, "f.py", 3, "")
     assert "f.py:3" in other and "lic-deploy" not in other
+
+
+def _replace_entropy(data: bytes) -> Callable[[dict[str, Any], Path], None]:
+    def edit(m: dict[str, Any], root: Path) -> None:
+        (root / "entropy.npz").write_bytes(data)
+        m["entropy"]["sha256"] = hashlib.sha256(data).hexdigest()
+    return edit
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.99])
+def test_truncated_entropy_model_is_a_package_error(tmp_path: Path, cut: float,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    data = (GOLDEN / "entropy.npz").read_bytes()
+    root = edited_package(tmp_path, _replace_entropy(data[: int(len(data) * cut)]))
+    with pytest.raises(PackageError, match=r"entropy\.npz: unreadable entropy model") as info:
+        Codec(root).encode_array(IMAGE)
+    assert "\n" not in str(info.value)
+    with pytest.raises(PackageError, match=r"entropy\.npz: unreadable entropy model"):
+        Codec(root).decode((GOLDEN.parent / "stream.lic").read_bytes())
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["encode", str(root), str(tmp_path / "a.png"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "entropy.npz" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("key, value", [("min_size", 4096), ("min_size", 1025), ("pad_multiple", 2048)])
+def test_geometry_beyond_the_bound_is_refused(tmp_path: Path, key: str, value: int) -> None:
+    """A forged min_size of 4096 would pad a small image to 4096x4096 (tens of seconds, gigabytes)."""
+    root = edited_package(tmp_path, lambda m, _: m["geometry"].update({key: value}))
+    with pytest.raises(PackageError, match=rf"'geometry\.{key}' must be an integer in \d\.\.1024"):
+        Package.open(root)
+
+
+def test_geometry_at_the_bound_still_opens(tmp_path: Path) -> None:
+    root = edited_package(tmp_path, lambda m, _: m["geometry"].update(min_size=1024))
+    assert Package.open(root).pad(IMAGE)[0].shape == (3, 1024, 1024)

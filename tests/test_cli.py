@@ -89,7 +89,7 @@ def test_encode_decode_folders(package_mbt: Path, image_dir: Path, tmp_path: Pat
     (tmp_path / "bad" / "x.lic").write_bytes(b"LICD" + bytes(60))
     code, err = _run(["decode", str(package_mbt), str(tmp_path / "bad"), "-o", str(tmp_path / "png")], capsys)
     _one_line_error(code, err, "x.lic")
-    code, err = _run(["decode", str(tmp_path), str(streams[0]), "-o", str(tmp_path / "png")], capsys)
+    code, err = _run(["decode", str(tmp_path), str(streams[0]), "-o", str(tmp_path / "png2")], capsys)
     _one_line_error(code, err, "not a codec package")
     code, err = _run(["encode", str(package_mbt), str(tmp_path / "nothing.png"), "-o", str(tmp_path)], capsys)
     _one_line_error(code, err, "no such file")

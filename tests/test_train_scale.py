@@ -126,7 +126,7 @@ def test_device_and_argument_errors(flat: Path, tmp_path: Path, capsys: pytest.C
              (("--schedule", "multistep"), "needs --lr-milestones"),
              (("--lr-milestones", "0.5,x"), "expected comma-separated numbers"),
              (("--batch", "3", "--accum", "2"), "must divide into 1 process(es) x --accum 2"),
-             (("--amp", "fp8"), "invalid choice"), (("--workers", "-1"), "--workers at least 0")]
+             (("--amp", "fp8"), "invalid choice"), (("--workers", "-1"), "--workers: must be at least 0")]
     if not torch.cuda.is_available():
         cases.append((("--device", "cuda"), "sees no such CUDA device"))
     for extra, needle in cases:

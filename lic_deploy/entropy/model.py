@@ -128,13 +128,18 @@ class EntropyModel:
 
     def encode(self, y: np.ndarray, z: np.ndarray) -> Coded:
         """Float latents y [M, H, W] and z [N, h, w] (from any engine) -> payload streams."""
+        if z.ndim != 3 or z.shape[0] != self.z_channels:
+            raise PackageError(f"the package's h_a graph gives z of shape {z.shape}; its entropy model expects "
+                               f"{self.z_channels} channels (the graphs and entropy.npz are from different packages)")
         escapes: list[int] = []
         z_sym = self.z_symbols(z)
         channel = np.broadcast_to(np.arange(self.z_channels)[:, None, None], z_sym.shape)
         z_stream = self.z_coder.encode(z_sym, channel, escapes)
         side = self._hyper_synthesis(z_sym)
         if side.shape[1:] != y.shape[1:] or y.shape[0] != self.y_channels:
-            raise ValueError(f"y has shape {y.shape}, h_s predicts {side.shape[1:]} for {self.y_channels} channels")
+            raise PackageError(f"the package's g_a graph gives y of shape {y.shape}; its entropy model predicts "
+                               f"{side.shape[1:]} for {self.y_channels} channels (the graphs and entropy.npz are "
+                               "from different packages)")
         y_streams, y_hat = self.encode_y(y, side, escapes)
         return Coded(z_stream, y_streams, encode_escapes(escapes), y_hat)
 

@@ -240,18 +240,44 @@ def _output_problem(out: Path, dest: Path, overwrite: bool) -> str | None:
     cwd = Path.cwd().resolve()
     if cwd == dest or cwd.is_relative_to(dest):
         return "it holds the current directory; --force never replaces it, nothing was deleted"
-    if any(dest.iterdir()) and not _is_package(dest):
+    if not any(dest.iterdir()):
+        return None
+    owned = _package_files(dest)
+    if owned is None:
         return (f"it is not a codec package (no lic-deploy {MANIFEST}); --force only replaces a package or an "
                 "empty folder, nothing was deleted")
+    foreign = next((p for p in sorted(dest.iterdir())
+                    if p.name not in owned or (p.is_dir() and not p.is_symlink())), None)
+    if foreign is not None:
+        name = foreign.name + ("/" if foreign.is_dir() else "")
+        return (f"it holds {name!r}, which is not part of the codec "
+                "package; --force only replaces a folder holding nothing but a package, nothing was deleted")
     return None
 
 
-def _is_package(folder: Path) -> bool:
-    """Whether `folder` holds a lic-deploy package manifest."""
+def _package_files(folder: Path) -> set[str] | None:
+    """The names of the files a lic-deploy package in `folder` consists of (its manifest and every file it names:
+    graphs, entropy model, calibration record, torch weights), or None when `folder` holds no package manifest."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("schema") == SCHEMA
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        return None
+
+    def named(entry: Any) -> list[str]:
+        file = entry.get("file") if isinstance(entry, dict) else None
+        return [file] if isinstance(file, str) else []
+
+    owned = {MANIFEST}
+    stages = manifest.get("stages")
+    for stage in stages.values() if isinstance(stages, dict) else ():
+        files = stage.get("files") if isinstance(stage, dict) else None
+        for entry in files.values() if isinstance(files, dict) else ():
+            owned.update(named(entry))
+    for key in ("entropy", "calibration", "torch_weights"):
+        owned.update(named(manifest.get(key)))
+    return owned
 
 
 def _ort_checked(path: Path, x: np.ndarray, stage: str) -> np.ndarray:

@@ -12,6 +12,8 @@ import hashlib
 import json
 import os
 import re
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -29,7 +31,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-u8s8")
 ENGINE_PRECISIONS = (*PRECISIONS, "bf16")  # bf16: no graph of its own; the torch engine on CUDA casts
 FINGERPRINT_HEX = re.compile(r"[0-9a-fA-F]{32}")  # 16 bytes, as .lic headers carry it
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
-MAX_GEOMETRY = 4096  # bound on pad_multiple, z_stride, min_size (pixels): 64 and 128 in practice
+MAX_GEOMETRY = 1024  # bound on pad_multiple, z_stride, min_size (pixels): 64 and 128, min_size <= 256 in practice
 EXPORT_FLAGS = {"fp16": "--fp16", "int8": "--int8", "int8-u8s8": "--int8 --cpu-int8"}  # lic-deploy export's
 
 
@@ -183,6 +185,23 @@ class Package:
         path = self.verified_path(self.manifest["entropy"])
         try:
             with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
-        except (OSError, ValueError) as exc:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # truncated, not an npz
             raise PackageError(f"{path}: unreadable entropy model ({exc})") from None
+        self._check_entropy_channels(arrays, path)
+        return arrays
+
+    def _check_entropy_channels(self, arrays: dict[str, np.ndarray], path: Path) -> None:
+        """PackageError when the entropy model's latent channels are not the manifest's (another package's file,
+        its sha256 and the fingerprint recomputed). An unreadable meta is left to the entropy model to report."""
+        try:
+            meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
+        except (KeyError, ValueError, TypeError):
+            return
+        if not isinstance(meta, dict):
+            return
+        for key in ("y_channels", "z_channels"):
+            want = self.geometry.get(key)
+            if key in meta and want is not None and meta[key] != want:
+                raise PackageError(f"{path}: entropy model has {key}={json.dumps(meta[key])[:20]} but the manifest's "
+                                   f"geometry has {json.dumps(want)[:20]}: the file belongs to another package")
