@@ -270,7 +270,7 @@ def test_bench_measures_packages_as_they_are(tiny: dict[str, Path]) -> None:
 
 def test_bench_resumes_after_the_last_finished_model(tiny: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted run (results.partial.json holding model a) resumes with model b only; a partial file of
-    another command is ignored."""
+    another command is ignored, and so are models whose file changed since (sha256)."""
     from lic_deploy.bench import runner
 
     opts = runner.BenchOptions(data=tiny["images"], out=tiny["root"] / "resume", precisions=("fp32",), images=1,
@@ -292,6 +292,11 @@ def test_bench_resumes_after_the_last_finished_model(tiny: dict[str, Path], monk
     measured.clear()
     runner.run_bench([tiny["a"], tiny["b"]], runner.BenchOptions(**{**vars(opts), "resume": True}))
     assert measured == ["tiny-a", "tiny-b"]
+    stale = {**partial, "models": [{**m, "sha256": "0" * 64} for m in partial["models"]]}  # the file changed since
+    runner.write_json(opts.out / runner.PARTIAL, stale)
+    measured.clear()
+    again = runner.run_bench([tiny["a"], tiny["b"]], runner.BenchOptions(**{**vars(opts), "resume": True}))
+    assert measured == ["tiny-a", "tiny-b"] and len(again["rows"]) == len(full["rows"])
 
 
 def test_bench_refuses_labels_it_cannot_use(tiny: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

@@ -375,7 +375,7 @@ def run_bench(models: Sequence[str | os.PathLike], opts: BenchOptions) -> dict[s
         "models": [], "rows": [], "summaries": [], "latency": [], "skipped": [], "fallback": [], "outliers": [],
     }
     partial = opts.out / PARTIAL
-    done = resume_from(partial, results) if opts.resume else set()
+    done = resume_from(partial, results, {m.name: m.sha256 for m in resolved}) if opts.resume else set()
     todo = [m for m in resolved if m.name not in done]
     bar = tqdm(total=sum(len(plans[m.name]) for m in todo) * len(images), unit="img", file=sys.stderr,
                dynamic_ncols=True)
@@ -402,9 +402,10 @@ PARTIAL = "results.partial.json"
 MODEL_KEYS = ("models", "rows", "summaries", "latency", "skipped", "fallback", "outliers")
 
 
-def resume_from(partial: Path, results: dict[str, Any]) -> set[str]:
+def resume_from(partial: Path, results: dict[str, Any], shas: Mapping[str, str]) -> set[str]:
     """Copy the per-model records of an interrupted run into `results`; the names of its finished models.
-    Only a run with the same command line (models, data, every option) is resumed; otherwise nothing is."""
+    Only a run with the same command line (models, data, every option) is resumed; otherwise nothing is; and of
+    it only the models whose file is still the one measured (`shas`: name -> sha256 now)."""
     try:
         old = json.loads(partial.read_text())
     except (OSError, ValueError):
@@ -412,9 +413,10 @@ def resume_from(partial: Path, results: dict[str, Any]) -> set[str]:
     same = {k: json.loads(json.dumps(finite(results[k]))) for k in ("command", "settings")}  # tuples -> lists
     if not isinstance(old, dict) or any(old.get(k) != v for k, v in same.items()):
         return set()
+    kept = {m.get("name") for m in old.get("models", []) if shas.get(m.get("name")) == m.get("sha256")}
     for key in MODEL_KEYS:
-        results[key] += old.get(key, [])
-    return {m["name"] for m in old.get("models", [])}
+        results[key] += [r for r in old.get(key, []) if r.get("name" if key == "models" else "model") in kept]
+    return kept
 
 
 def synced_stage_ms(engine: Any, package: Any, image: np.ndarray, repeat: int, warmup: int) -> dict[str, Any]:
