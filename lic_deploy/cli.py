@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", help="validation image folder (for example Kodak)")
     p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
     p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
-    p.add_argument("--batch", type=_bounded(1024), default=8)
+    p.add_argument("--batch", type=_positive, default=8)
     p.add_argument("--patch", type=_positive, default=128,
                    help="crop side: a multiple of 64 (TCM: of 128, at least 256) (128)")
     p.add_argument("--downscale", type=int, default=256,
@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-mode", choices=("auto", "memory", "stream"), default="auto",
                    help="memory: hold every image (small folders); stream: decode crops per step, folders of any "
                    "size and depth; auto (default): stream for nested folders, over 2000 images or with --workers")
-    p.add_argument("--workers", type=_bounded(64, least=0), default=0,
+    p.add_argument("--workers", type=_nonnegative, default=0,
                    help="DataLoader processes decoding crops (stream mode; 0; at most 64)")
     p.add_argument("--small", choices=("skip", "upscale"), default="skip",
                    help="stream mode: images smaller than the crop are skipped (default) or upscaled to it")

@@ -72,8 +72,6 @@ def test_a_closed_stdout_ends_quietly(tiny_data: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["encode", "PKG", "IMG", "-o", "OUT", "--threads", "100000"],
-    ["train", "--data", "D", "-o", "x.pt", "--batch", "100000"],
-    ["train", "--data", "D", "-o", "x.pt", "--workers", "100000"],
     ["train", "--data", "D", "-o", "x.pt", "--max-seconds", "-1"],
     ["train", "--data", "D", "-o", "x.pt", "--until-val-loss", "-1"],
     ["export", "CKPT", "--fallback-target", "nan", "-o", "PKG"],
@@ -105,7 +103,8 @@ def test_cpu_int8_needs_int8(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize(("extra", "needle"), [
     (["--lmbda", "nan"], "--lmbda"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"), (["--clip", "-1"], "--clip"),
     (["--N", "100000"], "at most"), (["--arch-config", "slices=3"], "--arch tcm only"),
-    (["--downscale", "-5"], "--downscale"),
+    (["--downscale", "-5"], "--downscale"), (["--batch", "100000"], "--batch at most"),
+    (["--workers", "100000"], "--workers in 0..64"),
     (["--arch", "tcm", "--patch", "256", "--arch-config", "depth=1000"], "at most"), (["--arch", "elic", "--M", "136",
                                                                      "--context-widths", "100000,8"], "at most"),
 ])

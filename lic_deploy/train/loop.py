@@ -31,6 +31,7 @@ STREAM_ABOVE = 2000  # --data-mode auto streams folders with more images than th
 DATA_MODES = ("auto", "memory", "stream")
 MAX_CHANNELS = 1024  # --N, --M and every width at most this (wider models would not fit a training machine anyway)
 MAX_BLOCKS = 32  # TCM's slices and depth at most this (its published models: 5 and 2)
+MAX_BATCH, MAX_WORKERS = 1024, 64  # bounds that keep a typo from exhausting memory
 
 
 @dataclass
@@ -176,8 +177,8 @@ def _check(cfg: TrainConfig) -> None:
         raise LicError("--until-val-loss needs --val (a validation folder)")
     if cfg.amp not in (None, "bf16"):
         raise LicError(f"--amp {cfg.amp!r}: only bf16 is supported")
-    if cfg.accum < 1 or cfg.workers < 0:
-        raise LicError("--accum must be at least 1 and --workers at least 0")
+    if cfg.accum < 1 or not 0 <= cfg.workers <= MAX_WORKERS or cfg.batch > MAX_BATCH:
+        raise LicError(f"--accum must be at least 1, --workers in 0..{MAX_WORKERS} and --batch at most {MAX_BATCH}")
     if cfg.data_mode not in DATA_MODES:
         raise LicError(f"--data-mode {cfg.data_mode!r}: choose from {', '.join(DATA_MODES)}")
     cfg.lr_schedule()  # LicError for an impossible schedule
