@@ -198,5 +198,11 @@ def test_malformed_training_logs_and_results_are_refused(tmp_path: Path) -> None
     assert load_results(path)["rows"] == []
     with pytest.raises(DataError, match="not a regular file"):
         read_rows(tmp_path)
+    from lic_deploy.bench.convergence import read_log
+
+    log = tmp_path / "resumed.jsonl"  # steps 100, 200 logged, resumed from step 100: 200 logged again
+    log.write_text("".join(json.dumps({"step": s, "seconds": s / 10, "val_loss": v}) + "\n"
+                           for s, v in ((100, 3.0), (200, 2.5), (200, 2.4), (300, 2.0))))
+    assert [(r["step"], r["val_loss"]) for r in read_log(log)] == [(100, 3.0), (200, 2.4), (300, 2.0)]
     with pytest.raises(DataError, match="not a regular file"):
         load_results("/dev/zero")

@@ -54,9 +54,10 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
-    """Validation rows (step, seconds, val_loss, ...) of a training log, in step order."""
+    """Validation rows (step, seconds, val_loss, ...) of a training log, in step order; of a step logged twice (a
+    run resumed from a checkpoint older than its last log rows repeats them) the later row."""
     rows = read_rows(path)
-    val = sorted((r for r in rows if "val_loss" in r), key=lambda r: r["step"])
+    val = sorted({r["step"]: r for r in rows if "val_loss" in r}.values(), key=lambda r: r["step"])
     if not val:
         raise DataError(f"{path}: has no validation rows (train with --val)")
     return val
