@@ -133,9 +133,11 @@ def _decode(args: argparse.Namespace) -> int:
 def _convergence(args: argparse.Namespace) -> int:
     import json
 
-    from lic_deploy.bench.convergence import compare, plot, summary, to_json
+    from lic_deploy.bench.convergence import compare, plot, run_differences, summary, to_json
 
     result = compare(args.adam, args.soap)
+    for difference in run_differences(args.adam, args.soap):
+        print(f"lic-deploy: warning: the two runs differ in {difference}", file=sys.stderr)
     out = _out_dir(args.output)
     plot(args.adam, args.soap, out / "convergence.png")
     _write_atomic(out / "convergence.json", json.dumps(to_json(result), indent=1).encode())

@@ -248,6 +248,21 @@ def test_convergence_analysis(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                  str(tmp_path / "x")]) == 2
 
 
+def test_convergence_warns_when_the_runs_differ_in_more_than_the_optimizer(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = {}
+    for name, opt, lmbda in (("a", "adam", "0.013"), ("b", "soap", "0.0067"), ("c", "soap", "0.013")):
+        runs[name] = tmp_path / f"{name}.pt"
+        assert main(_args(tiny_data, runs[name], "--optimizer", opt, "--lmbda", lmbda, "--steps", "10",
+                          "--val", str(tiny_data))) == 0
+    for other, expected in (("b", ["differ in lmbda: 0.013 against 0.0067"]), ("c", [])):
+        capsys.readouterr()
+        assert main(["convergence", "--adam", f"{runs['a']}.jsonl", "--soap", f"{runs[other]}.jsonl", "-o",
+                     str(tmp_path / other)]) == 0
+        assert [line.split("warning: the two runs ")[1] for line in capsys.readouterr().err.splitlines()
+                if "warning: the two runs" in line] == expected
+
+
 def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path: Path) -> None:
     from lic_deploy.archs.checkpoint import load_model
 

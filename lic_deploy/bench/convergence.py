@@ -87,6 +87,28 @@ def compare(adam_log: str | os.PathLike, soap_log: str | os.PathLike) -> Converg
                        soap_rate / adam_rate, cross is not None and cross[0] == soap[0]["step"])
 
 
+COMPARED = ("lmbda", "arch", "N", "M", "arch_options", "context_widths", "batch", "patch", "downscale",
+            "data_hash")  # what two compared runs should share: the checkpoint's metadata or its training config
+
+
+def run_differences(adam_log: str | os.PathLike, soap_log: str | os.PathLike) -> list[str]:
+    """What the two runs differ in besides the optimizer ("lmbda: 0.013 against 0.0067", ...), read from the
+    checkpoints beside their logs (X.pt for X.pt.jsonl); nothing for a log without a readable checkpoint."""
+    from lic_deploy.archs.checkpoint import read_checkpoint
+    from lic_deploy.errors import LicError
+
+    metas = []
+    for log in (Path(adam_log), Path(soap_log)):
+        try:
+            metas.append(read_checkpoint(log.with_suffix(""))[1] if log.suffix == ".jsonl" else None)
+        except LicError:
+            metas.append(None)
+    if None in metas:
+        return []
+    a, s = ({**(m.get("config") or {}), **m} for m in metas)
+    return [f"{k}: {a.get(k)} against {s.get(k)}" for k in COMPARED if a.get(k) != s.get(k)]
+
+
 def plot(adam_log: str | os.PathLike, soap_log: str | os.PathLike, path: Path) -> None:
     """Validation loss against steps and against seconds, both optimizers, one PNG."""
     import matplotlib
