@@ -37,7 +37,8 @@ def setup(device: str) -> World:
 
         if size > 1:
             device = f"cuda:{local}"
-        torch.cuda.set_device(device)
+        if ":" in device:  # (set_device needs an index; plain "cuda" is the current device already)
+            torch.cuda.set_device(device)
         torch.backends.cudnn.deterministic = True  # bit-exact resume on the same GPU and configuration
         torch.backends.cudnn.benchmark = False
     if size > 1:
