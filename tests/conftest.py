@@ -70,3 +70,11 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("images")
     write_images(folder, [(96, 128), (70, 90)])
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three small photo-like images: a training folder for runs of a few steps."""
+    folder = tmp_path_factory.mktemp("train")
+    write_images(folder, [(80, 96), (96, 80), (72, 120)], seed=3)
+    return folder

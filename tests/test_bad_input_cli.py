@@ -8,17 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_images
 
 from lic_deploy.cli import main
 from lic_deploy.errors import DataError, LicError
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("train")
-    write_images(folder, [(80, 96), (96, 80), (72, 120)], seed=3)
-    return folder
 
 
 def _train(data: Path, out: Path, *extra: str) -> list[str]:

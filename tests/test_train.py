@@ -13,7 +13,6 @@ from lic_deploy.cli import main
 from lic_deploy.train.alignment import alignment, flatten
 from lic_deploy.train.optim import build_optimizer, precondition
 from lic_deploy.train.soap import _reordered
-from tests.conftest import write_images
 
 
 def _reference_soap(w0: torch.Tensor, grads: list[torch.Tensor], lr: float, b1: float, b2: float, eps: float,
@@ -124,13 +123,6 @@ def test_alignment_formula() -> None:
     assert alignment([a, c, -a]) == pytest.approx(2 * (1 / 9) - 1)
     assert math.isnan(alignment([a, torch.zeros(2)]))
     assert flatten([torch.ones(2, 2), torch.zeros(3)]).shape == (7,)
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("train")
-    write_images(folder, [(80, 96), (96, 80), (72, 120)], seed=3)
-    return folder
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:

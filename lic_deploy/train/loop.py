@@ -129,6 +129,11 @@ def validate(model: Any, images: list[np.ndarray], lmbda: float, device: str = "
     return {k: float(np.mean([r[i] for r in rows])) for i, k in enumerate(("val_loss", "val_bpp", "val_psnr"))}
 
 
+def log_path(checkpoint: Path) -> Path:
+    """The training log (JSONL) written beside a checkpoint: X.pt -> X.pt.jsonl."""
+    return checkpoint.with_suffix(checkpoint.suffix + ".jsonl")
+
+
 def _check(cfg: TrainConfig) -> None:
     from lic_deploy.archs.registry import get_adapter
     from lic_deploy.train.optim import OPTIMIZERS
@@ -162,7 +167,7 @@ def _check(cfg: TrainConfig) -> None:
     out = Path(cfg.output)
     if out.is_dir() or not out.parent.is_dir():
         raise LicError(f"-o {out}: expected a checkpoint file in an existing folder")
-    log = out.with_suffix(out.suffix + ".jsonl")
+    log = log_path(out)
     if not cfg.resume and out.exists():
         raise LicError(f"-o {out} exists: continue it with --resume {out}, or choose another -o")
     if not cfg.resume and log.exists():
@@ -288,7 +293,6 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
         torch.set_num_threads(cfg.threads)
     flush_denormals()
     out = Path(cfg.output)
-    log_path = out.with_suffix(out.suffix + ".jsonl")
     dataset = open_dataset(cfg)
     val = _val_images(cfg.val, cfg.val_count, get_adapter(cfg.arch)) if cfg.val and world.main else []
     schedule = cfg.lr_schedule()
@@ -347,7 +351,7 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
     mine = list(range(world.rank * cfg.accum * micro, (world.rank + 1) * cfg.accum * micro))
     batches = step_batches(dataset, cfg, start, mine)
     with contextlib.ExitStack() as stack:  # the log and the progress bar close on every way out
-        log = stack.enter_context(open(log_path, "a")) if world.main else None
+        log = stack.enter_context(open(log_path(out), "a")) if world.main else None
         bar = None
         if progress and world.main:
             from tqdm import tqdm

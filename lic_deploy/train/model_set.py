@@ -20,7 +20,7 @@ import json
 import os
 from pathlib import Path
 
-from lic_deploy.train.loop import TrainConfig, train
+from lic_deploy.train.loop import TrainConfig, log_path, train
 
 LAMBDAS = (0.0035, 0.0067, 0.013, 0.025)
 OPTIMIZERS = ("adam", "soap")
@@ -103,12 +103,12 @@ def main() -> None:
     # Equal FP32 quality: SOAP again from the same seed, stopped at the first validation (every `eq_val_every`
     # steps) whose loss reaches the equal-steps Adam model's final one. (Adam trained on to SOAP's loss does not
     # fit the CPU budget at this scale: see the README.)
-    goal = last_row(runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA, prefix=args.prefix)}.pt.jsonl", "val_loss")
+    goal = last_row(log_path(runs / f"{run_name('adam', EQUAL_QUALITY_LAMBDA, prefix=args.prefix)}.pt"), "val_loss")
     name = run_name("soap", EQUAL_QUALITY_LAMBDA, "-eq", prefix=args.prefix)
     eq_ckpt = runs / f"{name}.pt"
 
     def eq_reached() -> bool:
-        done = last_row(eq_ckpt.with_suffix(".pt.jsonl"), "val_loss")
+        done = last_row(log_path(eq_ckpt), "val_loss")
         return bool(done and done["val_loss"] <= goal["val_loss"])  # type: ignore[index]
 
     if goal is not None and not eq_reached():
