@@ -191,6 +191,7 @@ def test_merge_a_cpu_run_and_a_gpu_run(gpu_doc: dict, tiny: dict[str, Path],
     for r in gpu["summaries"]:  # the GPU machine's own ort:fp32 differs: the first run's must win
         r["psnr"] += 1.0 if r["variant"] == "ort:fp32" else 0.0
     cpu["skipped"] = [{"model": "tiny-a", "variant": "torch-cuda:fp32", "reason": "no GPU", "device": "cuda"}]
+    gpu["settings"] = {**gpu["settings"], "repeat": cpu["settings"]["repeat"] + 7}
     merged = merge_results([cpu, gpu], ["cpu.json", "gpu.json"])
     variants = {(s["model"], s["variant"]) for s in merged["summaries"]}
     assert len(variants) == len(merged["summaries"]) == 2 * 5
@@ -204,6 +205,9 @@ def test_merge_a_cpu_run_and_a_gpu_run(gpu_doc: dict, tiny: dict[str, Path],
     assert main(["report", str(tiny["root"] / "cpu.json"), str(tiny["root"] / "gpu.json"), "-o", str(out)]) == 0
     report = (out / "report.md").read_text()
     assert "Merged by `lic-deploy report` from 2 runs" in report and "## GPU latency" in report
+    for doc in (cpu, gpu):  # each run's own settings, not the first run's for both
+        assert f"latency: median of {doc['settings']['repeat']} runs" in report
+    assert "settings differ between the runs" in report
     assert json.loads((out / "results.json").read_text())["sources"][1]["file"].endswith("gpu.json")
     assert main(["report", str(tiny["root"] / "cpu.json"), str(tiny["root"] / "gpu.json")]) == 2
     assert "needs -o DIR" in capsys.readouterr().err

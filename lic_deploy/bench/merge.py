@@ -3,7 +3,8 @@
 Runs merge when they measured the same images (the bootstrap pairs images across every model and variant) and
 their models of one name are the same file (sha256). A (model, variant) measured in several runs keeps the
 first run's measurement: pass the run whose CPU rows you trust first. A variant skipped in one run and measured in
-another is not listed as skipped. Each run's command, date and machine are kept under `sources`.
+another is not listed as skipped. Each run's command, date, machine and settings (calibration, repeats) are kept
+under `sources`; the report lists the settings per run where they differ.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def merge_results(docs: Sequence[Mapping[str, Any]], names: Sequence[str] | None
         if doc["settings"]["images"] != images:
             raise LicError(f"{name}: measured other images than {names[0]} ({len(doc['settings']['images'])} "
                            f"against {len(images)}); runs merge only over the same image set")
-        merged["sources"] += doc.get("sources") or [{"file": name, "created": doc["created"],
-                                                     "command": doc["command"], "environment": doc["environment"]}]
+        merged["sources"] += doc.get("sources") or [{"file": name, "created": doc["created"], "command": doc["command"],
+                                                     "environment": doc["environment"], "settings": doc["settings"]}]
         for m in doc["models"]:
             if m["name"] in models and models[m["name"]]["sha256"] != m["sha256"]:
                 raise LicError(f"{name}: model {m['name']} is another file than in {names[0]} (sha256 differs)")

@@ -75,12 +75,19 @@ def _scale(models: Sequence[Mapping[str, Any]]) -> str:
     return f"{len(models)} models: {'; '.join(sorted(kinds))}{span}"
 
 
+def _settings_line(st: Mapping[str, Any]) -> str:
+    """Calibration and latency settings of one run (the images are the same in every merged run)."""
+    return (f"calibration: {st['calib'] or 'scikit-image photos'} ({st['calib_count']} crops); latency: median of "
+            f"{st['repeat']} runs after {st['warmup']} warm-up")
+
+
 def _header(results: Mapping[str, Any], note: str | None = None) -> list[str]:
     st = results["settings"]
     imgs = st["images"]
     names = ", ".join(imgs) if len(imgs) <= 6 else f"{imgs[0]} ... {imgs[-1]}"
     sources = results.get("sources") or [{"file": None, "created": results["created"],
                                           "command": results["command"], "environment": results["environment"]}]
+    per_run = len({_settings_line(s.get("settings", st)) for s in sources}) > 1  # merged runs that differ
     lines = ["# lic-deploy bench report", "", *([note, ""] if note else [])]
     if len(sources) > 1:
         lines += [f"Merged by `lic-deploy report` from {len(sources)} runs over the same images (the first run wins "
@@ -91,11 +98,13 @@ def _header(results: Mapping[str, Any], note: str | None = None) -> list[str]:
         lines += [f"Made on {src['created']}" + (f" (`{src['file']}`)" if src["file"] else "") + " by", "",
                   f"    {src['command']}", "",
                   f"- machine: {env['cpu']} ({env['cpus_available']} CPUs available), {env['platform']}; "
-                  f"threads {env['threads']}", f"- versions: {versions}", ""]
+                  f"threads {env['threads']}", f"- versions: {versions}",
+                  *([f"- {_settings_line(src.get('settings', st))}"] if per_run else []), ""]
     return [*lines, "Regenerated from results.json by `lic-deploy report`.", "",
             f"- {_scale(results['models'])}",
-            f"- images: {len(imgs)} from `{st['data']}` ({names}); calibration: {st['calib'] or 'scikit-image photos'}"
-            f" ({st['calib_count']} crops); latency: median of {st['repeat']} runs after {st['warmup']} warm-up",
+            f"- images: {len(imgs)} from `{st['data']}` ({names})"
+            + ("; calibration and latency settings differ between the runs (above)" if per_run
+               else f"; {_settings_line(st)}"),
             "- definitions (PTQ loss, BD-rate, intervals, outlier statistics, SQNR): docs/bench.md. Rate is always "
             "the byte length of real .lic streams.", ""]
 
