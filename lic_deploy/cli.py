@@ -315,6 +315,17 @@ def _csv(choices: Sequence[str]):
     return parse
 
 
+def folder_arg(text: str) -> str:
+    """argparse type: an image folder, "data:<sub>" resolved under $LIC_DEPLOY_DATA (its existence is checked
+    where it is used, with the other inputs)."""
+    from lic_deploy.runtime.images import resolve_folder
+
+    try:
+        return str(resolve_folder(text))
+    except LicError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _integer(text: str, least: int) -> int:
     try:
         value = int(text)
@@ -438,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rate-distortion training (loss = lmbda * 255^2 * MSE + bpp) on random crops of "
                        "an image folder, logging loss, bpp, PSNR and the SOAP study's intra-/inter-step alignment "
                        "to OUTPUT.jsonl; checkpoints include optimizer state and resume bit-exactly.")
-    p.add_argument("--data", required=True, help="training image folder")
+    p.add_argument("--data", required=True, type=folder_arg,
+                   help="training image folder (or data:<sub>, a folder under $LIC_DEPLOY_DATA, as data:train)")
     p.add_argument("-o", "--output", required=True, help="checkpoint path to write")
     p.add_argument("--arch", choices=sorted(REGISTRY), default="mbt2018-mean")
     p.add_argument("--N", type=_positive, default=64, help="channels of the hyper-latent / transforms (64)")
@@ -451,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ELIC: hidden widths of the channel-context networks (default CompressAI's 224,128)")
     p.add_argument("--optimizer", choices=("soap", "adam"), default="soap")
     p.add_argument("--lmbda", type=float, default=0.013, help="rate-distortion trade-off (0.013)")
-    p.add_argument("--val", help="validation image folder (for example Kodak)")
+    p.add_argument("--val", type=folder_arg, help="validation image folder (for example Kodak, or data:kodak)")
     p.add_argument("--val-count", type=_positive, default=6, help="validation images used (6)")
     p.add_argument("--steps", type=_positive, default=2000, help="total steps to reach (2000)")
     p.add_argument("--batch", type=_positive, default=8)
@@ -527,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "per-step latency), collect per-layer outlier statistics and INT8 SQNR, and write "
                        "results.json and report.md with plots (definitions: docs/bench.md).")
     p.add_argument("models", nargs="+", help="checkpoints or codec packages (optimizer and lambda from metadata)")
-    p.add_argument("--data", required=True, help="test image folder (for example Kodak)")
+    p.add_argument("--data", required=True, type=folder_arg,
+                   help="test image folder (for example Kodak, or data:kodak under $LIC_DEPLOY_DATA)")
     p.add_argument("-o", "--output", default="out/bench", help="output folder (default out/bench)")
     p.add_argument("--precisions", type=_csv(PRECISIONS), default=["fp32", "fp16", "int8"],
                    help="comma-separated (default fp32,fp16,int8; fp32 is always measured)")

@@ -198,3 +198,22 @@ def test_malformed_training_logs_and_results_are_refused(tmp_path: Path) -> None
     assert [(r["step"], r["val_loss"]) for r in read_log(log)] == [(100, 3.0), (200, 2.4), (300, 2.0)]
     with pytest.raises(DataError, match="not a regular file"):
         load_results("/dev/zero")
+
+
+def test_data_folders_by_name_under_the_data_root(tiny_data: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """data:<sub> names a folder under $LIC_DEPLOY_DATA for train and bench; without the variable, a usage error."""
+    from lic_deploy.cli import build_parser
+
+    monkeypatch.setenv("LIC_DEPLOY_DATA", str(tiny_data.parent))
+    name = f"data:{tiny_data.name}"
+    args = build_parser().parse_args(["train", "--data", name, "--val", name, "-o", str(tmp_path / "m.pt")])
+    assert Path(args.data) == Path(args.val) == tiny_data
+    assert Path(build_parser().parse_args(["bench", "m.pt", "--data", name]).data) == tiny_data
+    assert main(_train(Path(f"{name}-missing"), tmp_path / "m.pt")) == 2
+    _one_error_line(capsys, f"{tiny_data}-missing", "does not exist")
+    monkeypatch.delenv("LIC_DEPLOY_DATA")
+    with pytest.raises(SystemExit) as stop:
+        main(["bench", "m.pt", "--data", name])
+    assert stop.value.code == 2 and "needs $LIC_DEPLOY_DATA" in capsys.readouterr().err

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from lic_deploy.errors import DataError
-from lic_deploy.runtime.images import DATA_ENV, list_images, load_rgb
+from lic_deploy.runtime.images import DATA_ENV, DATA_PREFIX, list_images, load_rgb, resolve_folder
 from lic_deploy.runtime.package import file_sha256
 
 SKIMAGE = "skimage"
-DATA_PREFIX = "data:"
 # The colour photographs that ship inside scikit-image's wheel (no download needed).
 SKIMAGE_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "retina.jpg", "rocket.jpg")
@@ -45,14 +44,7 @@ def skimage_folder() -> Path:
 
 def resolve_source(source: str) -> Path:
     """The folder a manifest source names."""
-    if source == SKIMAGE:
-        return skimage_folder()
-    if source.startswith(DATA_PREFIX):
-        root = os.environ.get(DATA_ENV)
-        if not root:
-            raise DataError(f"calibration source {source} needs ${DATA_ENV} (the folder holding the data sets)")
-        return Path(root) / source[len(DATA_PREFIX):]
-    return Path(source)
+    return skimage_folder() if source == SKIMAGE else resolve_folder(source)
 
 
 def portable_source(folder: str | os.PathLike) -> str:

@@ -54,6 +54,21 @@ def expand_inputs(items: Iterable[str | os.PathLike], suffixes: tuple[str, ...] 
     return out
 
 
+DATA_PREFIX = "data:"  # "data:<sub>" names the folder <sub> under $LIC_DEPLOY_DATA, wherever that lies
+
+
+def resolve_folder(text: str | os.PathLike) -> Path:
+    """The folder `text` names: "data:<sub>" is $LIC_DEPLOY_DATA/<sub> (DataError when the variable is unset),
+    anything else a path as given."""
+    text = str(text)
+    if not text.startswith(DATA_PREFIX):
+        return Path(text)
+    root = os.environ.get(DATA_ENV)
+    if not root:
+        raise DataError(f"{text} needs ${DATA_ENV} (the folder holding the data sets, for example ../shared/data)")
+    return Path(root) / text[len(DATA_PREFIX):]
+
+
 def data_folder(name: str) -> Path | None:
     """`$LIC_DEPLOY_DATA/<name>` when the variable is set and the folder exists, else None."""
     root = os.environ.get(DATA_ENV)

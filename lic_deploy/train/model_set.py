@@ -20,6 +20,7 @@ import json
 import os
 from pathlib import Path
 
+from lic_deploy.cli import folder_arg
 from lic_deploy.train.loop import TrainConfig, log_path, train
 
 LAMBDAS = (0.0035, 0.0067, 0.013, 0.025)
@@ -66,8 +67,8 @@ def _concurrently(configs: list[TrainConfig]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--val", required=True)
+    parser.add_argument("--data", required=True, type=folder_arg, help="training images (or data:train)")
+    parser.add_argument("--val", required=True, type=folder_arg, help="validation images (or data:kodak)")
     parser.add_argument("--runs", default=os.environ.get("LIC_DEPLOY_RUNS", "../lic-runs"))
     parser.add_argument("--models", default="models")
     parser.add_argument("--N", type=int, default=64)
