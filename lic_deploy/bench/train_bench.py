@@ -1,11 +1,14 @@
 """`make bench-train`: what a training step costs, SOAP against Adam, and how fast the data pipeline feeds it.
 
-Prints, in one run on this machine (medians after warm-up):
+Prints, in one run on this machine (after warm-up):
 - per optimizer (their steps interleaved, one of each per round): the whole step (forward, backward, optimizer)
-  in ms, steps per second, and the optimizer part
-  (everything after backward: `opt.step()`, SOAP's statistics, projections and, every `precondition_frequency`
-  steps, its eigenbasis update; timed over whole multiples of that frequency so the periodic update is averaged
-  in) in ms; SOAP / Adam ratios of both;
+  in ms and steps per second, and the optimizer part (everything after backward: `opt.step()`, SOAP's
+  statistics, projections and, every `precondition_frequency` steps, its eigenbasis update) in ms, each as the
+  mean over whole multiples of that frequency (what training's wall-clock sees: the periodic update averaged in)
+  and the median (a step without the update); SOAP / Adam ratios of both;
+- the host side of each optimizer's step as a GPU runs it (SOAP's moments over foreach lists): the operators it
+  dispatches (on a GPU each non-view operator is a kernel launch) and its time on the CPU at N=M=4, the same
+  parameters with next to no arithmetic; on a GPU, where a SOAP step is launch-bound, this is what to cut;
 - the float32 and bfloat16 matmul rates (what `--soap-bf16` gains on this machine);
 - images per second of the streaming data pipeline (decode, crop, flip, batch) with 0, 2 and 4 workers.
 
@@ -62,12 +65,55 @@ def time_steps(variants: list[tuple[str, str, bool]], args: argparse.Namespace) 
             if i >= args.warmup:
                 steps.append(t2 - t0)
                 opt_part.append(t2 - t1)
-    # the optimizer part's mean over whole frequency periods (the periodic eigenbasis update included)
+    # means over whole frequency periods (the periodic eigenbasis update included), medians without it
     return [{"optimizer": optimizer if optimizer == "adam" else f"soap ({impl}{', bf16' if bf16 else ''})",
-             "step_ms": 1000 * statistics.median(steps), "steps_per_s": 1 / statistics.median(steps),
+             "step_ms": 1000 * statistics.fmean(steps), "step_median_ms": 1000 * statistics.median(steps),
+             "steps_per_s": 1 / statistics.fmean(steps),
              "optimizer_ms": 1000 * statistics.fmean(opt_part),
              "optimizer_median_ms": 1000 * statistics.median(opt_part), "period": freq, "timed_steps": len(steps)}
             for (optimizer, impl, bf16), (_, _, freq, steps, opt_part) in zip(variants, runs, strict=True)]
+
+
+def host_side(optimizer: str, steps: int = 40) -> tuple[int, int, float]:
+    """An optimizer's step on mbt2018-mean as a GPU runs it (foreach lists): (operators dispatched by a step
+    without SOAP's eigenbasis update, by one with it, median CPU ms per step at N=M=4). The counts depend only on
+    the parameters' ranks; at N=M=4 the time is the host's dispatching, next to no arithmetic."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lic_deploy.archs.registry import get_adapter
+    from lic_deploy.train.optim import build_optimizer, split_parameters
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    params = split_parameters(get_adapter("mbt2018-mean").build({"N": 4, "M": 4}))[0]
+    opt, hp = build_optimizer(optimizer, params)
+    if isinstance(opt, torch.optim.Adam):
+        opt.param_groups[0]["foreach"] = True
+    else:
+        opt.per_parameter = False
+    freq = hp.get("precondition_frequency", 1)
+    counts, times = [], []
+    for step in range(1, steps + 1):
+        for p in params:
+            p.grad = torch.full_like(p, 1e-3 * step)
+        Count.calls = 0
+        t0 = time.perf_counter()
+        if step <= freq + 2:
+            with Count():
+                opt.step()
+        else:
+            opt.step()
+        times.append(time.perf_counter() - t0)
+        counts.append(Count.calls)
+    # SOAP's first step only gathers statistics; the step after step `freq` updates its eigenbases
+    return counts[freq - 1 if freq > 1 else 1], counts[freq], 1000 * statistics.median(times[freq + 2:])
 
 
 def gemm_rates(device: str, n: int = 2048, repeat: int = 5) -> dict[str, float]:
@@ -130,16 +176,21 @@ def main(argv: list[str] | None = None) -> int:
                        ("soap", "pytorch-optimizer", False)], args)
     adam, soap, soap_bf16, reference = rows
     print(f"training step, mbt2018-mean N={args.N} M={args.M}, batch {args.batch}, {args.patch} px, {args.device}, "
-          f"{args.threads} threads (medians; optimizer part: mean over whole SOAP precondition periods):")
-    print(format_table(["optimizer", "step ms", "steps/s", "optimizer part ms", "optimizer part median ms"],
-                       [[r["optimizer"], r["step_ms"], r["steps_per_s"], r["optimizer_ms"], r["optimizer_median_ms"]]
-                        for r in rows]))
+          f"{args.threads} threads (means over whole SOAP precondition periods, and medians):")
+    print(format_table(["optimizer", "step ms", "step median ms", "steps/s", "optimizer part ms",
+                        "optimizer part median ms"],
+                       [[r["optimizer"], r["step_ms"], r["step_median_ms"], r["steps_per_s"], r["optimizer_ms"],
+                         r["optimizer_median_ms"]] for r in rows]))
     for r in (soap, soap_bf16, reference):
-        print(f"{r['optimizer']} / Adam: whole step {r['step_ms'] / adam['step_ms']:.3f}x, "
-              f"optimizer part {r['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
+        print(f"{r['optimizer']} / Adam: whole step {r['step_ms'] / adam['step_ms']:.3f}x (medians "
+              f"{r['step_median_ms'] / adam['step_median_ms']:.3f}x), optimizer part "
+              f"{r['optimizer_ms'] / adam['optimizer_ms']:.2f}x")
     for r in (soap, soap_bf16):
         ratio = r["optimizer_ms"] / reference["optimizer_ms"]
         print(f"optimizer part, {r['optimizer']} / pytorch-optimizer's: {ratio:.3f}")
+    print("\nhost side of a step as on a GPU (mbt2018-mean; operators dispatched, and CPU ms at N=M=4):")
+    host = [[name, *host_side(name)] for name in ("adam", "soap")]
+    print(format_table(["optimizer", "operators", "with eigenbasis update", "host ms"], host))
     gemm = gemm_rates(args.device)
     print(f"matmul 2048^3: float32 {gemm['float32']:.0f} GFLOP/s, bfloat16 {gemm['bfloat16']:.0f} GFLOP/s")
     if args.data:

@@ -15,20 +15,22 @@ step (g, m forward; the update back). Rotation is linear and Q fixed between eig
 kept instead, updated with the rotated gradient it already has: two rotations per step, plus rotating m into
 the new basis (Q_new^T Q_old m) when Q changes, once every `precondition_frequency` steps.
 
-A 4-D weight [a, b, k1, k2] (a convolution) with all four factors is rotated in the layout that keeps every
-product a large GEMM: the forward rotation contracts a, then b (each leading dimension moves to the end, no
-copies), then both kernel dims at once with the 25x25 (or 9x9) Kronecker product Q_k1 (x) Q_k2, so m and v live
-in the eigenbasis as [k1, k2, a, b]; the statistic of each dim is taken from the intermediate in which that dim is
-still unrotated (a factor's statistic contracts the other dims, which orthogonal rotations leave unchanged), so
-the statistics need no copies either. pytorch-optimizer's per-dim tensordots multiply the 5-wide kernel dims as
-(n x 5) @ (5 x 5) products at a few GFLOP/s. Equal to pytorch-optimizer's updates up to float32 rounding
-(tests/test_train.py compares them step by step); `make bench-train` measures the optimizer part.
+Every rotation is one GEMM per dim on a contiguous intermediate: the leading dim is contracted and moves to the
+end, so after the last one the dims are back in place, with no copies; the statistic of each dim is taken from
+the intermediate in which that dim leads, still unrotated (a factor's statistic contracts the other dims, which
+orthogonal rotations leave unchanged), so the statistics cost no copies either. A 4-D weight [a, b, k1, k2] (a
+convolution) with all four factors contracts a, then b, then both kernel dims at once with the 25x25 (or 9x9)
+(Q_k1 (x) Q_k2)^T, kept with Q until it changes, so m and v live in the eigenbasis as [k1, k2, a, b];
+pytorch-optimizer's per-dim tensordots multiply the 5-wide kernel dims as (n x 5) @ (5 x 5) products at a few
+GFLOP/s. Equal to pytorch-optimizer's updates up to float32 rounding (tests/test_train.py compares them step by
+step); `make bench-train` measures the optimizer part, and the operators a step dispatches (a GPU's launches).
 
 On the CPU the moments' update runs one parameter at a time, in place, with the rotated gradient as scratch, so a
 weight's m, v and rotated gradient stay in cache between the passes (on 2 CPU cores about 10 ms of a 90-100 ms
 bf16 step less than the same operations over lists of every parameter); on a GPU, where launches cost more than
-memory traffic, as `torch._foreach_*` passes over every parameter (on an H200, N=128/M=192, batch 16: median
-10.3 against 12.5 ms float32, 19.5 against 25.3 ms bf16). The two give bit-identical updates.
+memory traffic, as `torch._foreach_*` passes over every parameter, the updates added in one more (on an H200,
+N=128/M=192, batch 16: median 10.3 against 12.5 ms float32, 19.5 against 25.3 ms bf16). The two give
+bit-identical updates.
 
 `bf16_matmul=True` runs those 4-D products (rotations, statistics, and rotating m into a new eigenbasis) as
 bfloat16 GEMMs with float32 accumulation, each product's output rounded to bfloat16; the moments, statistics and
@@ -53,33 +55,37 @@ def _layout(factors: list[torch.Tensor | None]) -> int:
     return int(len(factors) == 4 and all(f is not None for f in factors))
 
 
-def _to_eigen_4d(g: torch.Tensor, q: list[torch.Tensor], gg: list[torch.Tensor] | None = None, weight: float = 0.0,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b] in g's dtype, the products in `dtype` (default g's);
-    with `gg`, each factor statistic lerps towards its dim's g_(i) g_(i)^T by `weight` on the way."""
+def _rotations(q: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """A 4-D weight's rotation matrices in the products' dtype: Q_a, Q_b and (Q_k1 (x) Q_k2)^T."""
+    return [q[0].to(dtype), q[1].to(dtype), torch.kron(q[2], q[3]).T.to(dtype)]
+
+
+def _to_eigen_4d(g: torch.Tensor, rot: list[torch.Tensor], gg: list[torch.Tensor] | None = None,
+                 weight: float = 0.0) -> torch.Tensor:
+    """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b] in g's dtype, the products in the dtype of `rot`
+    (`_rotations`); with `gg`, each factor statistic lerps towards its dim's g_(i) g_(i)^T by `weight` on the way."""
     a, b, k1, k2 = g.shape
     c = k1 * k2
-    dtype = dtype or g.dtype
-    ga = g.reshape(a, b * c).to(dtype)
-    t1 = (ga.T @ q[0].to(dtype)).view(b, c * a)  # [b, k1, k2, a]: a rotated
-    t2 = (t1.T @ q[1].to(dtype)).view(c, a * b)  # [k1, k2, a, b]: a and b rotated
+    ga = g.reshape(a, b * c).to(rot[0].dtype)
+    t1 = (ga.T @ rot[0]).view(b, c * a)  # [b, k1, k2, a]: a rotated
+    t2 = (t1.T @ rot[1]).view(c, a * b)  # [k1, k2, a, b]: a and b rotated
     if gg is not None:
         gg[0].lerp_((ga @ ga.T).to(g.dtype), weight)
         gg[1].lerp_((t1 @ t1.T).to(g.dtype), weight)
-        kk = (t2 @ t2.T).to(g.dtype).view(k1, k2, k1, k2)
-        gg[2].lerp_(torch.einsum("iljl->ij", kk), weight)
-        gg[3].lerp_(torch.einsum("lilj->ij", kk), weight)
-    return (torch.kron(q[2], q[3]).T.to(dtype) @ t2).view(k1, k2, a, b).to(g.dtype)
+        rows = t2.view(k1, k2 * a * b)
+        gg[2].lerp_((rows @ rows.T).to(g.dtype), weight)
+        blocks = t2.view(k1, k2, a * b)  # k2's statistic: the k1 blocks' Grams, summed
+        gg[3].lerp_(torch.bmm(blocks, blocks.transpose(1, 2)).to(g.dtype).sum(0), weight)
+    return (rot[2] @ t2).view(k1, k2, a, b).to(g.dtype)
 
 
-def _from_eigen_4d(t: torch.Tensor, q: list[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Q t for t in the [k1, k2, a, b] layout; returns [a, b, k1, k2] in `dtype` (default t's), the products' dtype."""
+def _from_eigen_4d(t: torch.Tensor, rot: list[torch.Tensor]) -> torch.Tensor:
+    """Q t for t in the [k1, k2, a, b] layout; returns [a, b, k1, k2] in the dtype of `rot`, the products' dtype."""
     k1, k2, a, b = t.shape
     c = k1 * k2
-    dtype = dtype or t.dtype
-    u = t.reshape(c * a, b).to(dtype) @ q[1].T.to(dtype)  # b rotated back
-    u = u.view(c, a * b).T @ torch.kron(q[2], q[3]).T.to(dtype)  # [a, b, k1, k2]: kernel dims rotated back
-    return (q[0].to(dtype) @ u.view(a, b * c)).view(a, b, k1, k2)
+    u = t.reshape(c * a, b).to(rot[1].dtype) @ rot[1].T  # b rotated back
+    u = u.view(c, a * b).T @ rot[2]  # [a, b, k1, k2]: kernel dims rotated back
+    return (rot[0] @ u.view(a, b * c)).view(a, b, k1, k2)
 
 
 def _reordered(v: torch.Tensor, orders: list[torch.Tensor | None]) -> torch.Tensor:
@@ -111,33 +117,41 @@ class SOAP(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @staticmethod
-    def _rotate(t: torch.Tensor, q: list[torch.Tensor | None], back: bool = False) -> torch.Tensor:
-        """Contract every dim with its Q (Q^T t forward, Q t back), cycling the dims back into place; a dim
-        without a factor is only moved."""
-        for mat in q:
-            if mat is None:
-                t = t.permute([*range(1, t.dim()), 0])
-            else:
-                t = torch.tensordot(t, mat, dims=[[0], [1 if back else 0]])
-        return t
+    def _rotate(t: torch.Tensor, q: list[torch.Tensor | None], back: bool = False,
+                gg: list[torch.Tensor | None] | None = None, weight: float = 0.0) -> torch.Tensor:
+        """Contract every dim with its Q (Q^T t forward, Q t back), one GEMM per dim: the leading dim is
+        contracted and moves to the end, so after the last dim all are back in place; a dim without a factor only
+        moves. With `gg`, each factor statistic lerps by `weight` towards g_(i) g_(i)^T, taken from the
+        intermediate in which dim i leads, still unrotated (the other dims' rotations leave it unchanged)."""
+        shape = t.shape
+        for i, (n, mat) in enumerate(zip(shape, q, strict=True)):
+            x = t.reshape(n, -1)
+            if gg is not None and gg[i] is not None:
+                gg[i].lerp_(x @ x.T, weight)  # type: ignore[union-attr]
+            t = x.T if mat is None else x.T @ (mat.T if back else mat)
+        return t.reshape(shape)
+
+    @staticmethod
+    def _rot(state: dict[str, Any], dtype: torch.dtype) -> list[torch.Tensor]:
+        """A 4-D weight's `_rotations`, those the step keeps in the state (`rot`) when they have `dtype`."""
+        rot = state.get("rot")
+        return rot if rot is not None and rot[0].dtype == dtype else _rotations(state["Q"], dtype)
 
     @classmethod
     def _to_eigen(cls, g: torch.Tensor, state: dict[str, Any], beta: float | None = None,
                   dtype: torch.dtype | None = None) -> torch.Tensor:
-        """g in the eigenbasis (in the state's layout), always a new tensor; with `beta`, the factor statistics are
-        updated too. `dtype`: a 4-D weight's products (default g's)."""
+        """g in the eigenbasis (in the state's layout): a view of g for a parameter without factors, else a new
+        tensor; with `beta`, the factor statistics are updated too. `dtype`: a 4-D weight's products (default g's)."""
         if state["layout"]:
             gg = state["GG"] if beta is not None else None
-            return _to_eigen_4d(g, state["Q"], gg, 1.0 - (beta or 0.0), dtype)
-        if beta is not None:
-            cls._accumulate(g, state["GG"], beta)
-        rotated = cls._rotate(g, state["Q"])
-        return rotated.clone() if rotated.data_ptr() == g.data_ptr() else rotated  # no factor: a view of g
+            return _to_eigen_4d(g, cls._rot(state, dtype or g.dtype), gg, 1.0 - (beta or 0.0))
+        gg = state["GG"] if beta is not None else None
+        return cls._rotate(g, state["Q"], gg=gg, weight=1.0 - (beta or 0.0))
 
     @classmethod
     def _from_eigen(cls, t: torch.Tensor, state: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tensor:
         if state["layout"]:
-            return _from_eigen_4d(t, state["Q"], dtype)
+            return _from_eigen_4d(t, cls._rot(state, dtype or t.dtype))
         return cls._rotate(t, state["Q"], back=True)
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], merge_dims: bool = False,
@@ -146,7 +160,8 @@ class SOAP(torch.optim.Optimizer):
 
     @staticmethod
     def _accumulate(grad: torch.Tensor, factors: list[torch.Tensor | None], beta: float) -> None:
-        """GG_i <- lerp(GG_i, g_(i) g_(i)^T, 1 - beta) for every factor (tensors of two or more dims only)."""
+        """GG_i <- lerp(GG_i, g_(i) g_(i)^T, 1 - beta) for every factor (tensors of two or more dims only); the
+        first step's statistics (later steps take them on the way into the eigenbasis)."""
         for i, gg in enumerate(factors):
             if gg is not None:
                 other = [*chain(range(i), range(i + 1, grad.dim()))]
@@ -174,7 +189,7 @@ class SOAP(torch.optim.Optimizer):
         R_i = Q_old_i^T Q_new_i (a 4-D weight's products in `dtype`, default m's)."""
         r = [None if o is None else o.T @ n for o, n in zip(old, state["Q"], strict=True)]
         if state["layout"]:  # FAST_PERM is its own inverse
-            return _to_eigen_4d(m.permute(FAST_PERM), r, dtype=dtype)  # type: ignore[arg-type]
+            return _to_eigen_4d(m.permute(FAST_PERM), _rotations(r, dtype or m.dtype))  # type: ignore[arg-type]
         return cls._rotate(m, r)
 
     @classmethod
@@ -203,6 +218,7 @@ class SOAP(torch.optim.Optimizer):
                 qs[i] = qi
         for st, qs in zip(states, new_qs, strict=True):
             old, st["Q"] = st["Q"], qs
+            st.pop("rot", None)
             st["exp_avg"] = cls._rebase(st["exp_avg"], old, st, dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -244,10 +260,15 @@ class SOAP(torch.optim.Optimizer):
             size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
             states = [self.state[p] for p in live]
             dtype = torch.bfloat16 if group.get("bf16_matmul") else None  # (absent from checkpoints before it)
+            for p, st in zip(live, states, strict=True):  # a 4-D weight's rotation matrices, until Q changes
+                if st["layout"]:
+                    st["rot"] = self._rot(st, dtype or p.dtype)
             per_parameter = self.per_parameter if self.per_parameter is not None else not live[0].is_cuda
             if per_parameter:  # one parameter at a time: its chain stays in cache (CPU)
                 for p, st in zip(live, states, strict=True):
-                    r = self._to_eigen(p.grad, st, shampoo, dtype)  # a new tensor, reused below as scratch
+                    r = self._to_eigen(p.grad, st, shampoo, dtype)
+                    if r.data_ptr() == p.grad.data_ptr():  # no factors: a view of the grad, reused below as scratch
+                        r = r.clone()
                     m = st["exp_avg"].lerp_(r, 1.0 - beta1)
                     v = st["exp_avg_sq"].lerp_(r.mul_(r), 1.0 - beta2)
                     denominator = torch.sqrt(v, out=r).add_(group["eps"])
@@ -261,8 +282,9 @@ class SOAP(torch.optim.Optimizer):
                 torch._foreach_lerp_(vs, torch._foreach_mul(rotated, rotated), 1.0 - beta2)
                 denominators = torch._foreach_sqrt(vs)
                 torch._foreach_add_(denominators, group["eps"])
-                for p, st, u in zip(live, states, torch._foreach_div(ms, denominators), strict=True):
-                    p.add_(self._from_eigen(u, st, dtype), alpha=-size)
+                updates = [self._from_eigen(u, st, dtype)
+                           for st, u in zip(states, torch._foreach_div(ms, denominators), strict=True)]
+                torch._foreach_add_(live, updates, alpha=-size)
             if group["weight_decay"]:
                 torch._foreach_mul_(live, 1.0 - group["lr"] * group["weight_decay"])
             if t % group["precondition_frequency"] == 0:
