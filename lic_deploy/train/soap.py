@@ -88,18 +88,6 @@ def _from_eigen_4d(t: torch.Tensor, rot: list[torch.Tensor]) -> torch.Tensor:
     return (rot[0] @ u.view(a, b * c)).view(a, b, k1, k2)
 
 
-def _reordered(v: torch.Tensor, orders: list[torch.Tensor | None]) -> torch.Tensor:
-    """v with each dim d reordered by orders[d] (None: left as is), as one gather of rows over the leading dims
-    and one of columns over the last: two passes over v instead of one per dim."""
-    if all(o is None for o in orders):
-        return v
-    rows = torch.zeros(1, dtype=torch.long, device=v.device)
-    for n, o in zip(v.shape[:-1], orders[:-1], strict=True):
-        rows = (rows[:, None] * n + (torch.arange(n, device=v.device) if o is None else o)).reshape(-1)
-    out = v.reshape(-1, v.shape[-1]).index_select(0, rows)
-    return (out if orders[-1] is None else out.index_select(1, orders[-1])).view(v.shape)
-
-
 class SOAP(torch.optim.Optimizer):
     """See the module docstring. `project` has pytorch-optimizer's signature (the alignment metrics use it)."""
 
@@ -183,43 +171,43 @@ class SOAP(torch.optim.Optimizer):
         return out
 
     @classmethod
-    def _rebase(cls, m: torch.Tensor, old: list[torch.Tensor | None], state: dict[str, Any],
+    def _rebase(cls, m: torch.Tensor, r: list[torch.Tensor | None], state: dict[str, Any],
                 dtype: torch.dtype | None = None) -> torch.Tensor:
-        """m from the eigenbasis of `old` into the state's new one: Q_new^T Q_old m, one rotation by the factors
-        R_i = Q_old_i^T Q_new_i (a 4-D weight's products in `dtype`, default m's)."""
-        r = [None if o is None else o.T @ n for o, n in zip(old, state["Q"], strict=True)]
-        if state["layout"]:  # FAST_PERM is its own inverse
-            return _to_eigen_4d(m.permute(FAST_PERM), _rotations(r, dtype or m.dtype))  # type: ignore[arg-type]
+        """m from the old eigenbasis into the new one: Q_new^T Q_old m, one rotation by the factors
+        R_i = Q_old_i^T Q_new_i. A 4-D weight's m is rotated in its [k1, k2, a, b] layout, as [k1 k2, a, b] whose
+        cycle of GEMMs ends where it starts (products in `dtype`, default m's)."""
+        if state["layout"]:
+            k1, k2, a, b = m.shape
+            ra, rb, rk = _rotations(r, dtype or m.dtype)  # type: ignore[arg-type]
+            return cls._rotate(m.reshape(k1 * k2, a, b).to(ra.dtype), [rk.T, ra, rb]).view(m.shape).to(m.dtype)
         return cls._rotate(m, r)
 
     @classmethod
     def _new_eigenbases(cls, states: list[dict[str, Any]], dtype: torch.dtype | None) -> None:
-        """One power iteration per factor, columns sorted by estimated eigenvalue (each second moment permuted
-        with them), then the QRs batched by factor size (one call per size instead of one per factor: on a GPU
-        one launch), then every m rotated into its new basis."""
-        todo: dict[tuple[Any, ...], list[tuple[list[torch.Tensor | None], int, torch.Tensor]]] = {}
-        new_qs = []
+        """One power iteration per factor and QR, batched over the factors of one size (a few calls instead of
+        several per factor; on a GPU, launches). As pytorch-optimizer, each QR takes the columns of GG Q sorted by
+        estimated eigenvalue; pytorch-optimizer then permutes the second moment v to that order, here the new Q's
+        columns are put back in v's order instead (n x n numbers instead of all of v; the pairs of eigenvector and
+        v entry are the same, and so the next update's sorted columns). Then every m is rotated into its new basis."""
+        groups: dict[tuple[Any, ...], list[tuple[dict[str, Any], int]]] = {}
         for st in states:
-            qs = list(st["Q"])
-            orders: list[torch.Tensor | None] = [None] * len(qs)  # per dim of the state's layout
-            for i, (gg, q) in enumerate(zip(st["GG"], st["Q"], strict=True)):
-                if gg is None:
-                    continue
-                product = gg @ q
-                order = torch.argsort((q * product).sum(dim=0), descending=True)
-                orders[FAST_PERM.index(i) if st["layout"] else i] = order
-                todo.setdefault((product.shape, product.dtype, product.device), []).append(
-                    (qs, i, product.index_select(1, order)))
-            st["exp_avg_sq"] = _reordered(st["exp_avg_sq"], orders)
-            new_qs.append(qs)
-        for (_, kind, _), items in todo.items():  # as pytorch-optimizer: the QR in float32
-            q = torch.linalg.qr(torch.stack([m for _, _, m in items]).to(torch.float32))[0].to(kind)
-            for (qs, i, _), qi in zip(items, q, strict=True):
-                qs[i] = qi
-        for st, qs in zip(states, new_qs, strict=True):
-            old, st["Q"] = st["Q"], qs
+            for i, gg in enumerate(st["GG"]):
+                if gg is not None:
+                    groups.setdefault((gg.shape, gg.dtype, gg.device), []).append((st, i))
+        new = {id(st): (list(st["Q"]), list(st["Q"])) for st in states}  # new Q, R = Q_old^T Q_new per factor
+        for (_, kind, _), items in groups.items():
+            q = torch.stack([st["Q"][i] for st, i in items])
+            product = torch.bmm(torch.stack([st["GG"][i] for st, i in items]), q)
+            order = torch.argsort((q * product).sum(1), dim=1, descending=True)[:, None, :].expand_as(q)
+            ranked = torch.linalg.qr(product.gather(2, order).to(torch.float32))[0].to(kind)  # as pytorch-optimizer
+            q_new = torch.empty_like(ranked).scatter_(2, order, ranked)  # the columns back in v's order
+            r = torch.bmm(q.transpose(1, 2), q_new)
+            for (st, i), qi, ri in zip(items, q_new, r, strict=True):
+                new[id(st)][0][i], new[id(st)][1][i] = qi, ri
+        for st in states:
+            st["Q"], r = new[id(st)]
             st.pop("rot", None)
-            st["exp_avg"] = cls._rebase(st["exp_avg"], old, st, dtype)
+            st["exp_avg"] = cls._rebase(st["exp_avg"], r, st, dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also resumes states saved before the 4-D layout existed: their m and v are permuted into it."""
