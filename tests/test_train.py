@@ -273,9 +273,9 @@ def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path:
 def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype, tol: tuple[float, float]) -> None:
     """lic-deploy's SOAP (first moment kept in the eigenbasis) against pytorch-optimizer's on the same gradients:
     conv-shaped (3x3, 1x1, one dim above max_precondition_dim: the 4-D layout and the generic path), 3-D (as the
-    entropy bottleneck's, one with a dim above the limit), 2-D and 1-D parameters, weight decay, 25 steps crossing two eigenbasis updates; every step's parameters equal to float32
-    rounding (in float64 the reordered arithmetic agrees to 1e-8, the float32 QR both do being the limit), and far
-    from the start."""
+    entropy bottleneck's, one with a dim above the limit), 2-D and 1-D parameters, weight decay, 25 steps crossing
+    two eigenbasis updates; every step's parameters equal to float32 rounding (in float64 the reordered arithmetic
+    agrees to 1e-8, the float32 QR both do being the limit), and far from the start."""
     torch.manual_seed(0)
     shapes = [(8, 6, 3, 3), (6, 6), (6,), (5, 40), (7, 5, 1, 1), (4, 40, 3, 3), (6, 3, 1), (6, 3, 3), (3, 40, 2)]
     start = [torch.randn(s, dtype=dtype) for s in shapes]
