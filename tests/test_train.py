@@ -437,10 +437,11 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_path: Path, bf16: bool) -> None:
-    """The eigenbases after an update are slices of one batched QR; the state saved after that (torch.save, loaded
-    with weights_only=True) continues exactly as the uninterrupted run, across the next update too."""
+    """The eigenbases after an update are slices of one batched QR, with the kept rotations (`rot`); the state
+    saved after that (torch.save, loaded with weights_only=True) continues exactly as the uninterrupted run, across
+    the next update too (3-D parameters included)."""
     torch.manual_seed(0)
-    shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,)]
+    shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,), (6, 3, 1)]
     start, grads = [torch.randn(s) for s in shapes], [[torch.randn(s) for s in shapes] for _ in range(24)]
     finals = []
     for cut in (None, 14):  # the update comes at step 11, the next at 21
@@ -456,38 +457,4 @@ def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_
             opt.step()
         finals.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
-
-
-@pytest.mark.parametrize("bf16", [False, True])
-def test_soap_resumes_bit_exactly_after_an_eigenbasis_update(bf16: bool) -> None:
-    """A state saved after an eigenbasis update (its Q slices of one batched tensor, the kept rotations `rot`) and
-    loaded with weights_only=True continues to the same parameters bit for bit, across the next update."""
-    import io
-
-    from lic_deploy.train.soap import SOAP
-
-    torch.manual_seed(0)
-    shapes = [(8, 6, 3, 3), (6, 6), (6,), (6, 3, 1)]
-    start = [torch.randn(s) for s in shapes]
-    grads = [[torch.randn(s) for s in shapes] for _ in range(24)]
-
-    def run(cut: int | None) -> list[torch.Tensor]:
-        params = [torch.nn.Parameter(w.clone()) for w in start]
-        opt = SOAP(params, lr=1e-2, bf16_matmul=bf16)
-        for k, gs in enumerate(grads):
-            if k == cut:
-                buffer = io.BytesIO()
-                torch.save({"opt": opt.state_dict(), "params": [p.detach() for p in params]}, buffer)
-                buffer.seek(0)
-                saved = torch.load(buffer, weights_only=True)
-                params = [torch.nn.Parameter(w.clone()) for w in saved["params"]]
-                opt = SOAP(params, lr=1e-2, bf16_matmul=bf16)
-                opt.load_state_dict(saved["opt"])
-            for p, g in zip(params, gs, strict=True):
-                p.grad = g.clone()
-            opt.step()
-        return [p.detach() for p in params]
-
-    whole, resumed = run(None), run(15)
-    assert all(torch.equal(a, b) for a, b in zip(whole, resumed, strict=True))
-    assert not all(torch.equal(a, w) for a, w in zip(whole, start, strict=True))
+    assert not any(torch.equal(a, w) for a, w in zip(finals[0], start, strict=True))

@@ -130,10 +130,9 @@ class SOAP(torch.optim.Optimizer):
                   dtype: torch.dtype | None = None) -> torch.Tensor:
         """g in the eigenbasis (in the state's layout): a view of g for a parameter without factors, else a new
         tensor; with `beta`, the factor statistics are updated too. `dtype`: a 4-D weight's products (default g's)."""
-        if state["layout"]:
-            gg = state["GG"] if beta is not None else None
-            return _to_eigen_4d(g, cls._rot(state, dtype or g.dtype), gg, 1.0 - (beta or 0.0))
         gg = state["GG"] if beta is not None else None
+        if state["layout"]:
+            return _to_eigen_4d(g, cls._rot(state, dtype or g.dtype), gg, 1.0 - (beta or 0.0))
         return cls._rotate(g, state["Q"], gg=gg, weight=1.0 - (beta or 0.0))
 
     @classmethod
