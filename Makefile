@@ -72,13 +72,13 @@ models: $(STAMP)
 	$(PY) -m lic_deploy.train.model_set --data $(DATA)/train --val $(DATA)/kodak --runs $(RUNS) --models models
 
 # The model set at N=128/M=192 on one NVIDIA GPU: the eight equal-budget runs concurrently (batch 16, 256 px
-# crops, each stopped at 10000 steps or 420 s of training, whichever first), then SOAP to Adam's loss at
-# lambda 0.013; published to models-gpu/. Budget: about 10 minutes of training plus validation and publishing on
+# crops, each stopped at 10000 steps or GPU_SECONDS (420) of training, whichever first), then SOAP to Adam's loss
+# at lambda 0.013; published to models-gpu/. Budget: about 10 minutes of training plus validation and publishing on
 # one H200 (not yet run there by this recipe; ../shared/models-gpu was made by an equivalent loop).
+GPU_SECONDS ?= 420
 models-gpu: $(STAMP)
-	$(PY) -m lic_deploy.train.model_set --device cuda --concurrent --prefix mbt128 --N 128 --M 192 --batch 16 \
-		--patch 256 --downscale 320 --steps 10000 --max-seconds 420 --chunk 500 --eq-val-every 250 --threads 1 \
-		--data $(DATA)/train --val $(DATA)/kodak --runs $(RUNS)/gpu --models models-gpu
+	$(PY) -m lic_deploy.train.model_set --preset gpu --max-seconds $(GPU_SECONDS) --data $(DATA)/train \
+		--val $(DATA)/kodak --runs $(RUNS)/gpu --models models-gpu
 
 # Codec speed, step by step, against CompressAI's compress/decompress of the same models (not a timed test).
 SPEED_MODELS ?= models/mbt-soap-0.013.safetensors $(wildcard $(GPU_MODELS)/mbt128-soap-0.013.safetensors)

@@ -324,3 +324,23 @@ def test_soap_step_dispatches_few_operators() -> None:
     count = len(split_parameters(get_adapter("mbt2018-mean").build({"N": 4, "M": 4}))[0])
     ops, with_update, ms = host_side("soap")
     assert ops <= 24 * count and with_update > ops and ms > 0
+
+
+def test_model_card_names_where_the_run_trained() -> None:
+    from lic_deploy.train.cards import _hardware
+
+    assert _hardware({"device": "cpu", "world_size": 1, "config": {"threads": 2}}) == "the CPU (2 threads)"
+    assert _hardware({"device": "cuda:0", "world_size": 1}) == "cuda:0"
+    assert _hardware({"device": "cuda:1", "world_size": 4}) == "4 processes on cuda"
+
+
+def test_model_set_gpu_preset_gives_the_recipe_and_explicit_options_win(flat: Path) -> None:
+    from lic_deploy.train.model_set import parse_args
+
+    base = ["--data", str(flat), "--val", str(flat)]
+    cpu, gpu = parse_args(base), parse_args([*base, "--preset", "gpu"])
+    assert (cpu.device, cpu.N, cpu.concurrent, cpu.max_seconds) == ("cpu", 64, False, None)
+    assert (gpu.device, gpu.N, gpu.M, gpu.batch, gpu.patch, gpu.downscale) == ("cuda", 128, 192, 16, 256, 320)
+    assert gpu.concurrent and gpu.max_seconds == 420 and gpu.prefix == "mbt128"
+    short = parse_args(["--max-seconds", "240", *base, "--preset", "gpu", "--device", "cuda:1"])
+    assert (short.max_seconds, short.device, short.N) == (240, "cuda:1", 128)

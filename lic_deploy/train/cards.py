@@ -60,6 +60,15 @@ def publish(checkpoint: Path, models: Path, *, kodak: str | os.PathLike) -> Path
     return weights
 
 
+def _hardware(meta: dict[str, Any]) -> str:
+    """Where a run trained, from its checkpoint metadata: "cuda:0", "4 processes on cuda", "the CPU (2 threads)"."""
+    device, world = str(meta.get("device", "cpu")), int(meta.get("world_size", 1))
+    if device == "cpu":
+        threads = meta.get("config", {}).get("threads")
+        device = f"the CPU ({threads} thread{'' if threads == 1 else 's'})"
+    return device if world == 1 else f"{world} processes on {device.split(':')[0]}"
+
+
 def _card(name: str, loaded: Any, meta: dict[str, Any], rd: dict[str, float], val: dict[str, Any]) -> str:
     hp = ", ".join(f"{k}={v}" for k, v in meta.get("hyperparameters", {}).items())
     nan = float("nan")
@@ -71,7 +80,7 @@ def _card(name: str, loaded: Any, meta: dict[str, Any], rd: dict[str, float], va
         ("optimizer", f"{meta.get('optimizer')} ({hp})"),
         ("lambda", meta.get("lmbda")),
         ("steps", f"{meta.get('steps')} ({crops})"),
-        ("training time", f"{meta.get('seconds')} s on 2 CPU cores"),
+        ("training time", f"{meta.get('seconds')} s on {_hardware(loaded.metadata)}"),
         ("training data", f"{meta.get('data_images')} images, manifest sha256 {str(meta.get('data_hash'))[:16]}"),
         ("validation, entropy estimate (first Kodak images)", estimate),
         (f"Kodak, real .lic streams (ORT FP32, {rd['images']} images)",

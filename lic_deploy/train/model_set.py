@@ -8,9 +8,12 @@ final weights, as FP16 safetensors, and a model card each).
 
     python -m lic_deploy.train.model_set --data ../shared/data/train --val ../shared/data/kodak
 
-On a GPU (`make models-gpu`), `--device cuda --concurrent` trains the eight equal-budget runs at once, one process
-each sharing the GPU, every run stopped by its step count or its `--max-seconds` wall-clock budget, whichever
-comes first; the equal-quality SOAP run follows, alone.
+On a GPU, `--preset gpu` (`make models-gpu`) trains the set at N=128/M=192 with `--device cuda --concurrent`: the
+eight equal-budget runs at once, one process each sharing the GPU, every run stopped by its step count or its
+`--max-seconds` wall-clock budget, whichever comes first; the equal-quality SOAP run follows, alone.
+
+    python -m lic_deploy.train.model_set --preset gpu --data ../shared/data/train --val ../shared/data/kodak \\
+        --runs ../lic-runs/gpu --models models-gpu
 """
 
 from __future__ import annotations
@@ -65,29 +68,49 @@ def _concurrently(configs: list[TrainConfig]) -> None:
         raise RuntimeError(f"training failed for {', '.join(failed)}")
 
 
-def main() -> None:
+# `--preset gpu` (`make models-gpu`): the set at N=128/M=192 on one GPU, the eight equal-budget runs at once
+PRESETS: dict[str, dict[str, object]] = {
+    "cpu": {},
+    "gpu": {"device": "cuda", "concurrent": True, "prefix": "mbt128", "N": 128, "M": 192, "batch": 16, "patch": 256,
+            "downscale": 320, "steps": 10000, "max_seconds": 420.0, "chunk": 500, "eq_val_every": 250, "threads": 1},
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The driver's arguments: a preset's defaults, then any option given explicitly."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                        help="defaults for the set: cpu (N=64/M=96, 2 cores) or gpu (N=128/M=192, batch 16, 256 px "
+                             "crops of photos downscaled to 320 px, the eight runs at once on cuda, each stopped at "
+                             "10000 steps or 420 s)")
     parser.add_argument("--data", required=True, type=folder_arg, help="training images (or data:train)")
     parser.add_argument("--val", required=True, type=folder_arg, help="validation images (or data:kodak)")
-    parser.add_argument("--runs", default=os.environ.get("LIC_DEPLOY_RUNS", "../lic-runs"))
-    parser.add_argument("--models", default="models")
-    parser.add_argument("--N", type=int, default=64)
-    parser.add_argument("--M", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--chunk", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--patch", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--val-count", type=int, default=6)
+    parser.add_argument("--runs", default=os.environ.get("LIC_DEPLOY_RUNS", "../lic-runs"),
+                        help="training checkpoints and logs, resumed from ($LIC_DEPLOY_RUNS or ../lic-runs)")
+    parser.add_argument("--models", default="models", help="where the published weights and cards go (models)")
+    parser.add_argument("--N", type=int, default=64, help="transform channels (64)")
+    parser.add_argument("--M", type=int, default=96, help="latent channels (96)")
+    parser.add_argument("--steps", type=int, default=1000, help="steps per equal-budget run (1000)")
+    parser.add_argument("--chunk", type=int, default=500,
+                        help="steps per round-robin turn; validation and checkpoints every chunk/2 (500)")
+    parser.add_argument("--batch", type=int, default=8, help="crops per step (8)")
+    parser.add_argument("--patch", type=int, default=128, help="crop size, pixels (128)")
+    parser.add_argument("--seed", type=int, default=0, help="the seed of every run (0)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads per run (2)")
+    parser.add_argument("--val-count", type=int, default=6, help="validation images, the first of --val (6)")
     parser.add_argument("--eq-val-every", type=int, default=25, help="validation interval of the equal-quality run")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (cpu; the gpu preset: cuda)")
     parser.add_argument("--downscale", type=int, default=256, help="shorter side of training images first (0 = off)")
     parser.add_argument("--concurrent", action="store_true",
                         help="train the equal-budget runs at once, one process each (a GPU shared by all)")
     parser.add_argument("--max-seconds", type=float, help="wall-clock training budget of each run, seconds")
     parser.add_argument("--prefix", default="mbt", help="model name prefix (mbt; the GPU set: mbt128)")
-    args = parser.parse_args()
+    parser.set_defaults(**PRESETS[parser.parse_known_args(argv)[0].preset])
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
 
