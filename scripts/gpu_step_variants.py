@@ -3,7 +3,9 @@ candidate changes would get lic-deploy's SOAP there, measured before one is buil
 
 Variants, their steps interleaved (one of each per round) on one fixed random batch, mbt2018-mean N=128/M=192:
 - `adam`: torch.optim.Adam as `lic-deploy train` builds it (the baseline);
-- `soap`: lic-deploy's SOAP as it is (eager; the eigenbasis update every 10 steps, its QRs on the device);
+- `soap`: lic-deploy's SOAP as it is (eager; parameters of one shape stacked, moments over foreach lists; the
+  eigenbasis update every 10 steps, its QRs on the device);
+- `soap in-place`: the same with the CPU's moments, one shape at a time in place (more launches, less traffic);
 - `soap host-qr`: the same with the batched QRs of the eigenbasis update on the host (on CUDA PyTorch loops over
   the batch, one cuSOLVER call per matrix: pytorch/pytorch#143281);
 - `soap graph` (CUDA only): the optimizer step captured once in a CUDA graph and replayed (no host dispatch; the
@@ -57,12 +59,14 @@ class Variant:
     """One model and optimizer; `step()` is the optimizer part (eager, or a CUDA graph's replay)."""
 
     def __init__(self, name: str, args: argparse.Namespace, optimizer: str = "soap", graph: bool = False,
-                 on_host: bool = False) -> None:
+                 on_host: bool = False, in_place: bool | None = None) -> None:
         torch.manual_seed(0)
         self.name, self.graph, self.on_host = name, graph, on_host
         self.model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
         self.opt, hp = build_optimizer(optimizer, split_parameters(self.model)[0])
         self.period = hp.get("precondition_frequency", 1)
+        if in_place is not None:
+            self.opt.in_place = in_place
         if graph:
             self.opt.param_groups[0]["precondition_frequency"] = 10**9  # plain steps only (see the docstring)
         self.replay: Callable[[], None] | None = None
@@ -106,7 +110,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5)
     args = parser.parse_args()
     cuda = args.device.startswith("cuda")
-    variants = [Variant("adam", args, "adam"), Variant("soap", args), Variant("soap host-qr", args, on_host=True)]
+    variants = [Variant("adam", args, "adam"), Variant("soap", args), Variant("soap in-place", args, in_place=True),
+                Variant("soap host-qr", args, on_host=True)]
     if cuda:
         variants.append(Variant("soap graph", args, graph=True))
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)

@@ -303,20 +303,21 @@ def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype,
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_soap_moments_per_parameter_and_over_lists_are_bit_identical(bf16: bool) -> None:
-    """The CPU's per-parameter moments and the GPU's foreach lists (forced here on the CPU) give the same
-    parameters bit for bit over 12 steps (an eigenbasis update included)."""
+def test_soap_moments_in_place_and_over_foreach_lists_are_bit_identical(bf16: bool) -> None:
+    """The parameters of one shape are stacked (batched GEMMs); the CPU's moments one shape at a time in place and
+    the GPU's foreach lists (forced here on the CPU) give the same parameters bit for bit over 12 steps (an
+    eigenbasis update included, after which the new Q and m are copied into the stacks)."""
     from lic_deploy.train.soap import SOAP
 
     torch.manual_seed(0)
-    shapes = [(8, 6, 3, 3), (6, 6), (6,), (7, 5, 1, 1)]
+    shapes = [(8, 6, 3, 3), (6, 6), (6,), (7, 5, 1, 1), (8, 6, 3, 3), (6, 6), (6,), (6, 3, 1), (6, 3, 1)]
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(12)]
     finals = []
-    for per_parameter in (True, False):
+    for in_place in (True, False):
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt = SOAP(params, lr=1e-2, bf16_matmul=bf16)
-        opt.per_parameter = per_parameter
+        opt.in_place = in_place
         for gs in grads:
             for p, g in zip(params, gs, strict=True):
                 p.grad = g.clone()
@@ -435,22 +436,25 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "needs fp32" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_path: Path, bf16: bool) -> None:
-    """The eigenbases after an update are slices of one batched QR, with the kept rotations (`rot`); the state
-    saved after that (torch.save, loaded with weights_only=True) continues exactly as the uninterrupted run, across
-    the next update too (3-D parameters included)."""
+@pytest.mark.parametrize(("bf16", "in_place"), [(False, True), (True, True), (False, False)])
+def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_path: Path, bf16: bool,
+                                                                            in_place: bool) -> None:
+    """The eigenbases after an update are slices of one batched QR; with the parameters of one shape stacked, the
+    states hold views of the stacks. The state saved after that (torch.save, loaded with weights_only=True)
+    continues exactly as the uninterrupted run, across the next update too (3-D parameters included)."""
     torch.manual_seed(0)
-    shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,), (6, 3, 1)]
+    shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,), (6, 3, 1), (8, 6, 3, 3), (8, 8)]
     start, grads = [torch.randn(s) for s in shapes], [[torch.randn(s) for s in shapes] for _ in range(24)]
     finals = []
     for cut in (None, 14):  # the update comes at step 11, the next at 21
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
+        opt.in_place = in_place
         for i, gs in enumerate(grads):
             if i == cut:
                 torch.save(opt.state_dict(), tmp_path / "opt.pt")
                 opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
+                opt.in_place = in_place
                 opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
             for p, g in zip(params, gs, strict=True):
                 p.grad = g.clone()

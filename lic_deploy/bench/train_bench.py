@@ -98,7 +98,7 @@ def host_side(optimizer: str, steps: int = 40) -> tuple[int, int, float]:
     if isinstance(opt, torch.optim.Adam):
         opt.param_groups[0]["foreach"] = True
     else:
-        opt.per_parameter = False
+        opt.in_place = False
     freq = hp.get("precondition_frequency", 1)
     counts, times = [], []
     for step in range(1, steps + 1):

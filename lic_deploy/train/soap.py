@@ -25,12 +25,17 @@ pytorch-optimizer's per-dim tensordots multiply the 5-wide kernel dims as (n x 5
 GFLOP/s. Equal to pytorch-optimizer's updates up to float32 rounding (tests/test_train.py compares them step by
 step); `make bench-train` measures the optimizer part, and the operators a step dispatches (a GPU's launches).
 
-On the CPU the moments' update runs one parameter at a time, in place, with the rotated gradient as scratch, so a
-weight's m, v and rotated gradient stay in cache between the passes (on 2 CPU cores about 10 ms of a 90-100 ms
-bf16 step less than the same operations over lists of every parameter); on a GPU, where launches cost more than
-memory traffic, as `torch._foreach_*` passes over every parameter, the updates added in one more (on an H200,
-N=128/M=192, batch 16: median 10.3 against 12.5 ms float32, 19.5 against 25.3 ms bf16). The two give
-bit-identical updates.
+The parameters of one shape are stepped together (mbt2018-mean: 49 parameters, 17 shapes): their gradients
+stacked, every rotation and statistic one batched GEMM per shape, their GG_i, Q_i, m and v kept in stacks
+[k, ...] whose slices the per-parameter states hold as views (saved once by torch.save; after an eigenbasis
+update or a load the states' new tensors are copied into the stacks). A shape with one parameter keeps its own
+tensors and plain GEMMs. On a GPU, where a step is launch-bound, this cuts the operators a step dispatches from
+1171 to 516 (`make bench-train`'s host side); on 2 CPU cores it is about as fast as one parameter at a time.
+
+On the CPU the moments' update runs one shape at a time, in place, with the rotated gradients as scratch, so
+their m, v and rotated gradient stay in cache between the passes (session 11, per parameter: about 10 ms of a
+90-100 ms bf16 step less than the same operations over lists of every parameter); on a GPU as `torch._foreach_*`
+passes over every shape, the updates added in one more. The two give bit-identical updates.
 
 `bf16_matmul=True` runs those 4-D products (rotations, statistics, and rotating m into a new eigenbasis) as
 bfloat16 GEMMs with float32 accumulation, each product's output rounded to bfloat16; the moments, statistics and
@@ -48,6 +53,7 @@ from typing import Any
 import torch
 
 FAST_PERM = (2, 3, 0, 1)  # a 4-D weight's m and v in the eigenbasis: [k1, k2, a, b] (see the module docstring)
+Stack = dict[Any, Any]  # a group's stacked tensors (`SOAP._stacked`)
 
 
 def _layout(factors: list[torch.Tensor | None]) -> int:
@@ -55,43 +61,93 @@ def _layout(factors: list[torch.Tensor | None]) -> int:
     return int(len(factors) == 4 and all(f is not None for f in factors))
 
 
+def _mm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[k, m, n] @ [k, n, p]: one bmm, or for k = 1 one mm (on 2 CPU cores a bmm of one bfloat16 product with a
+    transposed operand takes 10-20 % longer than the mm)."""
+    return (x[0] @ y[0]).unsqueeze(0) if x.shape[0] == 1 else torch.bmm(x, y)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    return _mm(x, x.transpose(1, 2))
+
+
 def _rotations(q: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
-    """A 4-D weight's rotation matrices in the products' dtype: Q_a, Q_b and (Q_k1 (x) Q_k2)^T."""
-    return [q[0].to(dtype), q[1].to(dtype), torch.kron(q[2], q[3]).T.to(dtype)]
+    """4-D weights' rotation matrices, stacked [k, n, n], in the products' dtype: Q_a, Q_b and (Q_k1 (x) Q_k2)^T."""
+    k, n1, n2 = q[2].shape[0], q[2].shape[1], q[3].shape[1]
+    kron = (q[2][:, :, None, :, None] * q[3][:, None, :, None, :]).reshape(k, n1 * n2, n1 * n2)
+    return [q[0].to(dtype), q[1].to(dtype), kron.transpose(1, 2).to(dtype)]
 
 
 def _to_eigen_4d(g: torch.Tensor, rot: list[torch.Tensor], gg: list[torch.Tensor] | None = None,
                  weight: float = 0.0) -> torch.Tensor:
-    """Q^T g for g [a, b, k1, k2], returned as [k1, k2, a, b] in g's dtype, the products in the dtype of `rot`
-    (`_rotations`); with `gg`, each factor statistic lerps towards its dim's g_(i) g_(i)^T by `weight` on the way."""
-    a, b, k1, k2 = g.shape
+    """Q^T g for stacked weights g [k, a, b, k1, k2], returned as [k, k1, k2, a, b] in g's dtype, the products in
+    the dtype of `rot` (`_rotations`); with `gg` (stacked factors), each lerps towards its dim's g_(i) g_(i)^T by
+    `weight` on the way."""
+    k, a, b, k1, k2 = g.shape
     c = k1 * k2
-    ga = g.reshape(a, b * c).to(rot[0].dtype)
-    t1 = (ga.T @ rot[0]).view(b, c * a)  # [b, k1, k2, a]: a rotated
-    t2 = (t1.T @ rot[1]).view(c, a * b)  # [k1, k2, a, b]: a and b rotated
+    ga = g.reshape(k, a, b * c).to(rot[0].dtype)
+    t1 = _mm(ga.transpose(1, 2), rot[0]).view(k, b, c * a)  # [b, k1, k2, a]: a rotated
+    t2 = _mm(t1.transpose(1, 2), rot[1]).view(k, c, a * b)  # [k1, k2, a, b]: a and b rotated
     if gg is not None:
-        gg[0].lerp_((ga @ ga.T).to(g.dtype), weight)
-        gg[1].lerp_((t1 @ t1.T).to(g.dtype), weight)
-        rows = t2.view(k1, k2 * a * b)
-        gg[2].lerp_((rows @ rows.T).to(g.dtype), weight)
-        blocks = t2.view(k1, k2, a * b)  # k2's statistic: the k1 blocks' Grams, summed
-        gg[3].lerp_(torch.bmm(blocks, blocks.transpose(1, 2)).to(g.dtype).sum(0), weight)
-    return (rot[2] @ t2).view(k1, k2, a, b).to(g.dtype)
+        gg[0].lerp_(_gram(ga).to(g.dtype), weight)
+        gg[1].lerp_(_gram(t1).to(g.dtype), weight)
+        gg[2].lerp_(_gram(t2.view(k, k1, k2 * a * b)).to(g.dtype), weight)
+        blocks = t2.view(k * k1, k2, a * b)  # k2's statistic: the k1 blocks' Grams, summed
+        gg[3].lerp_(torch.bmm(blocks, blocks.transpose(1, 2)).to(g.dtype).view(k, k1, k2, k2).sum(1), weight)
+    return _mm(rot[2], t2).view(k, k1, k2, a, b).to(g.dtype)
 
 
 def _from_eigen_4d(t: torch.Tensor, rot: list[torch.Tensor]) -> torch.Tensor:
-    """Q t for t in the [k1, k2, a, b] layout; returns [a, b, k1, k2] in the dtype of `rot`, the products' dtype."""
-    k1, k2, a, b = t.shape
+    """Q t for stacked t in the [k, k1, k2, a, b] layout; returns [k, a, b, k1, k2] in the products' dtype."""
+    k, k1, k2, a, b = t.shape
     c = k1 * k2
-    u = t.reshape(c * a, b).to(rot[1].dtype) @ rot[1].T  # b rotated back
-    u = u.view(c, a * b).T @ rot[2]  # [a, b, k1, k2]: kernel dims rotated back
-    return (rot[0] @ u.view(a, b * c)).view(a, b, k1, k2)
+    u = _mm(t.reshape(k, c * a, b).to(rot[1].dtype), rot[1].transpose(1, 2))  # b rotated back
+    u = _mm(u.view(k, c, a * b).transpose(1, 2), rot[2])  # [a, b, k1, k2]: kernel dims rotated back
+    return _mm(rot[0], u.view(k, a, b * c)).view(k, a, b, k1, k2)
+
+
+def _rotate(t: torch.Tensor, q: list[torch.Tensor | None], back: bool = False,
+            gg: list[torch.Tensor | None] | None = None, weight: float = 0.0) -> torch.Tensor:
+    """Contract every dim of stacked t [k, ...] with its stacked Q (Q^T t forward, Q t back), one GEMM per dim:
+    the leading dim is contracted and moves to the end, so after the last dim all are back in place; a dim without
+    a factor only moves. With `gg`, each factor statistic lerps by `weight` towards g_(i) g_(i)^T, taken from the
+    intermediate in which dim i leads, still unrotated (the other dims' rotations leave it unchanged)."""
+    k, shape = t.shape[0], t.shape[1:]
+    for i, (n, mat) in enumerate(zip(shape, q, strict=True)):
+        x = t.reshape(k, n, -1)
+        if gg is not None and gg[i] is not None:
+            gg[i].lerp_(_gram(x), weight)  # type: ignore[union-attr]
+        t = x.transpose(1, 2) if mat is None else _mm(x.transpose(1, 2), mat.transpose(1, 2) if back else mat)
+    return t.reshape(k, *shape)
+
+
+def _to_eigen(g: torch.Tensor, stack: Stack, weight: float | None = None) -> torch.Tensor:
+    """Stacked g in the eigenbasis, in the state's layout (a view of g for parameters without factors); with
+    `weight`, the factor statistics lerp by it on the way."""
+    gg = [stack.get(("GG", i), (None,))[0] for i in range(g.dim() - 1)] if weight is not None else None
+    if stack["layout"]:
+        return _to_eigen_4d(g, stack["rot"], gg, weight or 0.0)  # type: ignore[arg-type]
+    return _rotate(g, [stack.get(("Q", i), (None,))[0] for i in range(g.dim() - 1)], gg=gg, weight=weight or 0.0)
+
+
+def _from_eigen(t: torch.Tensor, stack: Stack) -> torch.Tensor:
+    if stack["layout"]:
+        return _from_eigen_4d(t, stack["rot"])
+    return _rotate(t, [stack.get(("Q", i), (None,))[0] for i in range(t.dim() - 1)], back=True)
+
+
+def _rotated_grads(params: list[torch.Tensor], stack: Stack, weight: float) -> torch.Tensor:
+    """The stacked gradients of a group in the eigenbasis, a new tensor (scratch for the moments), the factor
+    statistics lerped by `weight` on the way."""
+    g = torch.stack([p.grad for p in params]) if len(params) > 1 else params[0].grad.unsqueeze(0)  # type: ignore
+    r = _to_eigen(g, stack, weight)
+    return r.clone() if r.data_ptr() == params[0].grad.data_ptr() else r  # (no factors: a view of the grad)
 
 
 class SOAP(torch.optim.Optimizer):
     """See the module docstring. `project` has pytorch-optimizer's signature (the alignment metrics use it)."""
 
-    per_parameter: bool | None = None  # the moments one parameter at a time (None: on the CPU), else foreach lists
+    in_place: bool | None = None  # the moments one shape at a time, in place (None: on the CPU), else foreach
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -103,47 +159,51 @@ class SOAP(torch.optim.Optimizer):
                     "precondition_frequency": precondition_frequency, "max_precondition_dim": max_precondition_dim,
                     "merge_dims": False, "bf16_matmul": bf16_matmul, "step": 0}
         super().__init__(params, defaults)
+        self._stacks: dict[tuple[int, ...], Stack] = {}
 
     @staticmethod
-    def _rotate(t: torch.Tensor, q: list[torch.Tensor | None], back: bool = False,
-                gg: list[torch.Tensor | None] | None = None, weight: float = 0.0) -> torch.Tensor:
-        """Contract every dim with its Q (Q^T t forward, Q t back), one GEMM per dim: the leading dim is
-        contracted and moves to the end, so after the last dim all are back in place; a dim without a factor only
-        moves. With `gg`, each factor statistic lerps by `weight` towards g_(i) g_(i)^T, taken from the
-        intermediate in which dim i leads, still unrotated (the other dims' rotations leave it unchanged)."""
-        shape = t.shape
-        for i, (n, mat) in enumerate(zip(shape, q, strict=True)):
-            x = t.reshape(n, -1)
-            if gg is not None and gg[i] is not None:
-                gg[i].lerp_(x @ x.T, weight)  # type: ignore[union-attr]
-            t = x.T if mat is None else x.T @ (mat.T if back else mat)
-        return t.reshape(shape)
-
-    @staticmethod
-    def _rot(state: dict[str, Any], dtype: torch.dtype) -> list[torch.Tensor]:
-        """A 4-D weight's `_rotations`, those the step keeps in the state (`rot`) when they have `dtype`."""
-        rot = state.get("rot")
-        return rot if rot is not None and rot[0].dtype == dtype else _rotations(state["Q"], dtype)
-
-    @classmethod
-    def _to_eigen(cls, g: torch.Tensor, state: dict[str, Any], beta: float | None = None,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
-        """g in the eigenbasis (in the state's layout): a view of g for a parameter without factors, else a new
-        tensor; with `beta`, the factor statistics are updated too. `dtype`: a 4-D weight's products (default g's)."""
-        gg = state["GG"] if beta is not None else None
+    def _stack_of(state: dict[str, Any], dtype: torch.dtype) -> Stack:
+        """One parameter's state as a group of one (views; its rotation matrices computed afresh)."""
+        stack: Stack = {("Q", i): (q.unsqueeze(0),) for i, q in enumerate(state["Q"]) if q is not None}
+        stack["layout"] = state["layout"]
         if state["layout"]:
-            return _to_eigen_4d(g, cls._rot(state, dtype or g.dtype), gg, 1.0 - (beta or 0.0))
-        return cls._rotate(g, state["Q"], gg=gg, weight=1.0 - (beta or 0.0))
+            stack["rot"] = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
+        return stack
 
-    @classmethod
-    def _from_eigen(cls, t: torch.Tensor, state: dict[str, Any], dtype: torch.dtype | None = None) -> torch.Tensor:
-        if state["layout"]:
-            return _from_eigen_4d(t, cls._rot(state, dtype or t.dtype))
-        return cls._rotate(t, state["Q"], back=True)
+    def _stacked(self, params: list[torch.Tensor], states: list[dict[str, Any]], dtype: torch.dtype) -> Stack:
+        """A group of same-shaped parameters' GG_i, Q_i, m and v as stacks [k, ...] whose slices are the states'
+        tensors (a group of one: views of its tensors; of several: buffers the states then hold views of), and a
+        4-D weight's rotation matrices in the products' `dtype`, kept until Q changes. Rebuilt for what a state
+        holds anew (the first step, an eigenbasis update, a load): a copy every `precondition_frequency` steps."""
+        stack = self._stacks.setdefault(tuple(id(p) for p in params), {"layout": states[0]["layout"]})
+        slots: list[tuple[str, int | None]] = [("exp_avg", None), ("exp_avg_sq", None)]
+        slots += [(key, i) for key in ("GG", "Q") for i, f in enumerate(states[0]["GG"]) if f is not None]
+        changed = False
+        for key, i in slots:
+            current = [st[key] if i is None else st[key][i] for st in states]
+            if any(t is not v for t, v in zip(current, stack.get((key, i), (None, []))[1], strict=False)) \
+                    or (key, i) not in stack:
+                if len(current) == 1:
+                    stack[(key, i)] = (current[0].unsqueeze(0), current)
+                else:
+                    whole = torch.stack(current)
+                    stack[(key, i)] = (whole, list(whole.unbind(0)))
+                    for st, view in zip(states, stack[(key, i)][1], strict=True):
+                        if i is None:
+                            st[key] = view
+                        else:
+                            st[key][i] = view
+                changed |= key == "Q"
+        if stack["layout"] and (changed or stack.get("rot", [None])[0] is None or stack["rot"][0].dtype != dtype):
+            stack["rot"] = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
+        return stack
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], merge_dims: bool = False,
                 max_precondition_dim: int = 10000, project_type: str = "forward") -> torch.Tensor:
-        return self._to_eigen(grad, state) if project_type == "forward" else self._from_eigen(grad, state)
+        stack = self._stack_of(state, grad.dtype)
+        if project_type == "forward":
+            return _to_eigen(grad.unsqueeze(0), stack)[0]
+        return _from_eigen(grad.unsqueeze(0), stack)[0]
 
     @staticmethod
     def _accumulate(grad: torch.Tensor, factors: list[torch.Tensor | None], beta: float) -> None:
@@ -169,17 +229,19 @@ class SOAP(torch.optim.Optimizer):
             out.append(torch.flip(q, dims=[1]))
         return out
 
-    @classmethod
-    def _rebase(cls, m: torch.Tensor, r: list[torch.Tensor | None], state: dict[str, Any],
+    @staticmethod
+    def _rebase(m: torch.Tensor, r: list[torch.Tensor | None], state: dict[str, Any],
                 dtype: torch.dtype | None = None) -> torch.Tensor:
         """m from the old eigenbasis into the new one: Q_new^T Q_old m, one rotation by the factors
         R_i = Q_old_i^T Q_new_i. A 4-D weight's m is rotated in its [k1, k2, a, b] layout, as [k1 k2, a, b] whose
         cycle of GEMMs ends where it starts (products in `dtype`, default m's)."""
+        stacked = [None if ri is None else ri.unsqueeze(0) for ri in r]
         if state["layout"]:
             k1, k2, a, b = m.shape
-            ra, rb, rk = _rotations(r, dtype or m.dtype)  # type: ignore[arg-type]
-            return cls._rotate(m.reshape(k1 * k2, a, b).to(ra.dtype), [rk.T, ra, rb]).view(m.shape).to(m.dtype)
-        return cls._rotate(m, r)
+            ra, rb, rk = _rotations(stacked, dtype or m.dtype)  # type: ignore[arg-type]
+            rotated = _rotate(m.reshape(1, k1 * k2, a, b).to(ra.dtype), [rk.transpose(1, 2), ra, rb])
+            return rotated.view(m.shape).to(m.dtype)
+        return _rotate(m.unsqueeze(0), stacked)[0]
 
     @classmethod
     def _new_eigenbases(cls, states: list[dict[str, Any]], dtype: torch.dtype | None) -> None:
@@ -205,13 +267,15 @@ class SOAP(torch.optim.Optimizer):
                 new[id(st)][0][i], new[id(st)][1][i] = qi, ri
         for st in states:
             st["Q"], r = new[id(st)]
-            st.pop("rot", None)
             st["exp_avg"] = cls._rebase(st["exp_avg"], r, st, dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Also resumes states saved before the 4-D layout existed: their m and v are permuted into it."""
+        """Also resumes states saved before the 4-D layout existed (their m and v are permuted into it) and before
+        the rotation matrices moved out of the state (`rot`, dropped: they follow from Q)."""
         super().load_state_dict(state_dict)
+        self._stacks.clear()
         for state in self.state.values():
+            state.pop("rot", None)
             if "GG" in state and "layout" not in state:
                 state["layout"] = _layout(state["GG"])
                 if state["layout"]:
@@ -245,35 +309,36 @@ class SOAP(torch.optim.Optimizer):
                 continue
             t = group["step"] - 1
             size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-            states = [self.state[p] for p in live]
             dtype = torch.bfloat16 if group.get("bf16_matmul") else None  # (absent from checkpoints before it)
-            for p, st in zip(live, states, strict=True):  # a 4-D weight's rotation matrices, until Q changes
-                if st["layout"]:
-                    st["rot"] = self._rot(st, dtype or p.dtype)
-            per_parameter = self.per_parameter if self.per_parameter is not None else not live[0].is_cuda
-            if per_parameter:  # one parameter at a time: its chain stays in cache (CPU)
-                for p, st in zip(live, states, strict=True):
-                    r = self._to_eigen(p.grad, st, shampoo, dtype)
-                    if r.data_ptr() == p.grad.data_ptr():  # no factors: a view of the grad, reused below as scratch
-                        r = r.clone()
-                    m = st["exp_avg"].lerp_(r, 1.0 - beta1)
-                    v = st["exp_avg_sq"].lerp_(r.mul_(r), 1.0 - beta2)
+            groups: dict[Any, list[torch.Tensor]] = {}
+            for p in live:
+                groups.setdefault((p.shape, p.dtype), []).append(p)
+            stacks = [(ps, self._stacked(ps, [self.state[p] for p in ps], dtype or ps[0].dtype))
+                      for ps in groups.values()]
+            in_place = self.in_place if self.in_place is not None else not live[0].is_cuda
+            if in_place:  # one shape at a time, in place: its chain stays in cache (CPU)
+                updates = []
+                for ps, stack in stacks:
+                    r = _rotated_grads(ps, stack, 1.0 - shampoo)
+                    m = stack[("exp_avg", None)][0].lerp_(r, 1.0 - beta1)
+                    v = stack[("exp_avg_sq", None)][0].lerp_(r.mul_(r), 1.0 - beta2)
                     denominator = torch.sqrt(v, out=r).add_(group["eps"])
                     # a 4-D weight's bf16 products take m / denominator rounded to bf16 as they are written
-                    u = torch.empty_like(r, dtype=dtype) if dtype is not None and st["layout"] else r
-                    p.add_(self._from_eigen(torch.div(m, denominator, out=u), st, dtype), alpha=-size)
-            else:  # every parameter's moments in a few foreach launches (GPU)
-                rotated = [self._to_eigen(p.grad, st, shampoo, dtype) for p, st in zip(live, states, strict=True)]
-                ms, vs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
-                torch._foreach_lerp_(ms, rotated, 1.0 - beta1)
-                torch._foreach_lerp_(vs, torch._foreach_mul(rotated, rotated), 1.0 - beta2)
+                    u = torch.empty_like(r, dtype=dtype) if dtype is not None and stack["layout"] else r
+                    updates.append(_from_eigen(torch.div(m, denominator, out=u), stack).unbind(0))
+            else:  # every shape's moments in a few foreach launches (GPU)
+                rs = [_rotated_grads(ps, stack, 1.0 - shampoo) for ps, stack in stacks]
+                ms = [stack[("exp_avg", None)][0] for _, stack in stacks]
+                vs = [stack[("exp_avg_sq", None)][0] for _, stack in stacks]
+                torch._foreach_lerp_(ms, rs, 1.0 - beta1)
+                torch._foreach_lerp_(vs, torch._foreach_mul(rs, rs), 1.0 - beta2)
                 denominators = torch._foreach_sqrt(vs)
                 torch._foreach_add_(denominators, group["eps"])
-                updates = [self._from_eigen(u, st, dtype)
-                           for st, u in zip(states, torch._foreach_div(ms, denominators), strict=True)]
-                torch._foreach_add_(live, updates, alpha=-size)
+                updates = [_from_eigen(u, stack).unbind(0)
+                           for (_, stack), u in zip(stacks, torch._foreach_div(ms, denominators), strict=True)]
+            torch._foreach_add_([p for ps, _ in stacks for p in ps], [*chain.from_iterable(updates)], alpha=-size)
             if group["weight_decay"]:
                 torch._foreach_mul_(live, 1.0 - group["lr"] * group["weight_decay"])
             if t % group["precondition_frequency"] == 0:
-                self._new_eigenbases(states, dtype)
+                self._new_eigenbases([self.state[p] for p in live], dtype)
         return loss
