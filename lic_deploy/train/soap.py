@@ -30,7 +30,7 @@ stacked, every rotation and statistic one batched GEMM per shape, their GG_i, Q_
 [k, ...] whose slices the per-parameter states hold as views (saved once by torch.save; after an eigenbasis
 update or a load the states' new tensors are copied into the stacks). A shape with one parameter keeps its own
 tensors and plain GEMMs. On a GPU, where a step is launch-bound, this cuts the operators a step dispatches from
-1171 to 516 (`make bench-train`'s host side); on 2 CPU cores it is a little faster than one parameter at a time
+1171 to 519 (`make bench-train`'s host side); on 2 CPU cores it is a little faster than one parameter at a time
 (session 12, interleaved A/B: bf16 optimizer part 109.0 -> 99.6 ms, float32 150.9 -> 146.6).
 
 On the CPU the moments' update runs one shape at a time, in place, with the rotated gradients as scratch, so
