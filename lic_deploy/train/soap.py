@@ -182,8 +182,7 @@ class SOAP(torch.optim.Optimizer):
         changed = False
         for key, i in slots:
             current = [st[key] if i is None else st[key][i] for st in states]
-            if any(t is not v for t, v in zip(current, stack.get((key, i), (None, []))[1], strict=False)) \
-                    or (key, i) not in stack:
+            if (key, i) not in stack or any(t is not v for t, v in zip(current, stack[(key, i)][1], strict=True)):
                 if len(current) == 1:
                     stack[(key, i)] = (current[0].unsqueeze(0), current)
                 else:
@@ -195,7 +194,7 @@ class SOAP(torch.optim.Optimizer):
                         else:
                             st[key][i] = view
                 changed |= key == "Q"
-        if stack["layout"] and (changed or stack.get("rot", [None])[0] is None or stack["rot"][0].dtype != dtype):
+        if stack["layout"] and (changed or "rot" not in stack or stack["rot"][0].dtype != dtype):
             stack["rot"] = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
         return stack
 
