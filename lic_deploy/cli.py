@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lic_deploy import __version__
+from lic_deploy.atomic import write_bytes
 from lic_deploy.errors import LicError
 
 EPILOG = """examples:
@@ -47,19 +48,6 @@ def _progress(items: list, desc: str):
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="img", file=sys.stderr, leave=False)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """`data` to `path` through a temporary file beside it (short-named: `path`'s own name may be at the limit)."""
-    import tempfile
-
-    fd, name = tempfile.mkstemp(prefix=".lic-", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(name, path)
-    finally:
-        Path(name).unlink(missing_ok=True)
 
 
 def _out_dir(path: str) -> Path:
@@ -97,7 +85,7 @@ def _encode(args: argparse.Namespace) -> int:
     for path, target in _progress(list(zip(files, targets, strict=True)), "encode"):
         image, grey = load_rgb(path, max_pixels=codec.max_pixels)
         data, y_hat = codec.encode_array(image, grey=grey)
-        _write_atomic(target, data)
+        write_bytes(target, data)
         h, w = image.shape[1:]
         row: list[object] = [path.name, len(data), 8.0 * len(data) / (h * w)]
         if not args.no_psnr:
@@ -140,7 +128,7 @@ def _convergence(args: argparse.Namespace) -> int:
         print(f"lic-deploy: warning: the two runs differ in {difference}", file=sys.stderr)
     out = _out_dir(args.output)
     plot(args.adam, args.soap, out / "convergence.png")
-    _write_atomic(out / "convergence.json", json.dumps(to_json(result), indent=1).encode())
+    write_bytes(out / "convergence.json", json.dumps(to_json(result), indent=1).encode())
     print(summary(result))
     print(f"wrote {out / 'convergence.png'} and {out / 'convergence.json'}")
     return 0
@@ -155,7 +143,7 @@ def _calib(args: argparse.Namespace) -> int:
     if out.exists() and not args.force:
         raise LicError(f"{out} already exists; pass --force to replace it")
     crops = select_crops(args.folder, args.count, seed=args.seed, size=args.size)
-    _write_atomic(out, (json.dumps(manifest(args.folder, crops, seed=args.seed, size=args.size), indent=1)
+    write_bytes(out, (json.dumps(manifest(args.folder, crops, seed=args.seed, size=args.size), indent=1)
                         + "\n").encode())
     print(f"wrote {out}: {len(crops)} crops from {len({c.file for c in crops})} files")
     return 0

@@ -121,3 +121,25 @@ def test_runtime_path_never_imports_torch(package_mbt: Path, image_dir: Path, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "OK []" in proc.stdout
     assert len(list((tmp_path / "png").glob("*.png"))) == 2
+
+
+def test_atomic_writes_keep_the_old_file_on_failure_and_take_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    from lic_deploy.atomic import atomic_path, write_bytes
+
+    target = tmp_path / "out.lic"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.lic"]
+    long = tmp_path / ("x" * 250 + ".lic")  # at the file-name limit with its temporary name's prefix added
+    write_bytes(long, b"new")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert long.read_bytes() == b"new" and long.stat().st_mode & 0o777 == 0o666 & ~umask
+    with atomic_path(tmp_path / "plot.png") as tmp:  # writers that take the format from the suffix see it
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path
+        tmp.write_bytes(b"png")
+    assert (tmp_path / "plot.png").read_bytes() == b"png"

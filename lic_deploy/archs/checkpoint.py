@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lic_deploy.archs.registry import get_adapter, infer_arch
+from lic_deploy.atomic import atomic_path
 from lic_deploy.errors import CheckpointError
 from lic_deploy.runtime.package import file_sha256
 
@@ -154,9 +155,5 @@ def save_checkpoint(path: str | os.PathLike, model: Any, arch: str, config: dict
     path = Path(path)
     obj = {FORMAT_KEY: FORMAT_VERSION, "arch": arch, "config": dict(config),
            "state_dict": to_cpu(model.state_dict()), "metadata": dict(metadata or {}), **to_cpu(extra)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

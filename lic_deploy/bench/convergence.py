@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lic_deploy.atomic import atomic_path
 from lic_deploy.bench.textfile import read_text
 from lic_deploy.errors import DataError
 
@@ -126,10 +127,9 @@ def plot(adam_log: str | os.PathLike, soap_log: str | os.PathLike, path: Path) -
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def summary(c: Convergence) -> str:

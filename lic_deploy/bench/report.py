@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from lic_deploy.atomic import atomic_path
 from lic_deploy.bench.compare import ANCHOR, BASE, GPU_BASELINE, TEST, analyse
 from lic_deploy.bench.latency import format_table
 from lic_deploy.bench.runner import STEPS, TRANSFORM_STEPS
@@ -318,12 +319,8 @@ def write_report(results: Mapping[str, Any], out: str | os.PathLike, note: str |
         plot_gpu_latency(an, out / "gpu_latency.png")
     plot_outlier_pair(an, out / "outliers_equal_quality.png")
     path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(render(results, an, note) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

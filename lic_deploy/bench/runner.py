@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lic_deploy.atomic import atomic_path
 from lic_deploy.bench.textfile import read_text
 from lic_deploy.errors import LicError
 
@@ -490,12 +491,8 @@ def outlier_record(model: Model, images: Sequence[np.ndarray], crops: Sequence[n
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
     """Write strict JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 RESULT_FIELDS = {"models": ("name",), "rows": ("model", "variant", "image", "bpp", "psnr"),

@@ -13,11 +13,11 @@ against steps, all runs, one PNG.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 from pathlib import Path
 
+from lic_deploy.atomic import atomic_path
 from lic_deploy.bench.convergence import read_log, read_rows
 from lic_deploy.bench.latency import format_table
 from lic_deploy.errors import DataError, LicError
@@ -103,10 +103,9 @@ def plot(runs: dict[tuple[str, int], Path], steps: list[int], diffs: dict[str, l
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

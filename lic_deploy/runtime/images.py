@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lic_deploy.atomic import atomic_path
 from lic_deploy.entropy.bitstream import padding
 from lic_deploy.errors import DataError
 
@@ -127,13 +128,9 @@ def save_image(path: str | os.PathLike, hwc_u8: np.ndarray, *, grey: bool = Fals
     """Write uint8 [H, W, 3] atomically (temporary file, then rename). `grey` stores the first channel as L."""
     path = Path(path)
     img = Image.fromarray(hwc_u8[..., 0] if grey else hwc_u8, mode="L" if grey else "RGB")
-    tmp = path.with_name(f".{path.name}.tmp")
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    try:
+    with atomic_path(path) as tmp:
         img.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def pad_to_multiple(chw: np.ndarray, multiple: int, min_size: int = 0) -> tuple[np.ndarray, int, int]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from lic_deploy.atomic import atomic_path
+
 
 def kodak_rd(package: Path, kodak: str | os.PathLike) -> dict[str, float]:
     """Mean bpp (real .lic bytes) and PSNR (dB, 8-bit RGB) over a folder, ONNX Runtime FP32."""
@@ -35,6 +37,7 @@ def publish(checkpoint: Path, models: Path, *, kodak: str | os.PathLike) -> Path
 
     from lic_deploy.archs.checkpoint import load_model
     from lic_deploy.export.package_writer import ExportOptions, export_package
+    from lic_deploy.train.loop import log_path
 
     loaded = load_model(checkpoint)
     models.mkdir(parents=True, exist_ok=True)
@@ -44,14 +47,13 @@ def publish(checkpoint: Path, models: Path, *, kodak: str | os.PathLike) -> Path
     state = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in loaded.model.state_dict().items()
              if not k.endswith(("_quantized_cdf", "_offset", "_cdf_length"))}
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(state, str(tmp), metadata={"arch": json.dumps(loaded.arch), "config": json.dumps(loaded.config),
-                                         "training": json.dumps(meta, default=str)})
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"arch": json.dumps(loaded.arch), "config": json.dumps(loaded.config),
+                                             "training": json.dumps(meta, default=str)})
     with tempfile.TemporaryDirectory() as td:
         pkg = export_package(weights, Path(td) / "pkg", options=ExportOptions(calib_count=4), log=lambda _: None)
         rd = kodak_rd(pkg, kodak)
-    log = checkpoint.with_suffix(".pt.jsonl")
+    log = log_path(checkpoint)
     rows = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
     if log.is_file():  # the training log ships too: `lic-deploy convergence` reads it
         shutil.copyfile(log, models / f"{name}.jsonl")

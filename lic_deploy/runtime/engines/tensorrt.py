@@ -20,7 +20,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from lic_deploy.atomic import write_bytes
 from lic_deploy.errors import BackendUnavailable, LicError
 from lic_deploy.runtime.package import Package
 
@@ -123,15 +123,6 @@ def cached_plan(path: Path, spec: PlanSpec) -> tuple[bytes | None, str]:
     return plan, "fresh"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_or_build(spec: PlanSpec, cache_dir: Path, build: Callable[[], bytes], *, force: bool = False,
@@ -148,8 +139,8 @@ def load_or_build(spec: PlanSpec, cache_dir: Path, build: Callable[[], bytes], *
               "build_seconds": round(time.perf_counter() - t0, 2), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(path, plan)
-        _write_atomic(path.with_suffix(".json"), json.dumps(record, indent=1).encode())
+        write_bytes(path, plan)
+        write_bytes(path.with_suffix(".json"), json.dumps(record, indent=1).encode())
     except OSError as exc:
         raise LicError(f"cannot write the TensorRT engine cache {cache_dir} ({exc})") from None
     return plan, True
@@ -237,7 +228,7 @@ def _build_plan(trt: Any, logger: Any, onnx_path: Path, shapes: tuple[tuple[int,
     if plan is None:
         raise LicError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
     with contextlib.suppress(OSError):  # the timing cache only speeds up later builds
-        _write_atomic(timing_path, bytes(config.get_timing_cache().serialize()))
+        write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
 
 
@@ -394,5 +385,5 @@ def build_engines(package: Package, precisions: list[str] | tuple[str, ...], pro
         finally:
             engine.close()
     if profile is not None:
-        _write_atomic(cache / PROFILE_FILE, json.dumps({"profile": str(profile)}).encode())
+        write_bytes(cache / PROFILE_FILE, json.dumps({"profile": str(profile)}).encode())
     return paths
