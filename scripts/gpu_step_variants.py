@@ -1,32 +1,25 @@
-"""An experiment for issue 15's GPU goal (a whole SOAP step <= 1.3x Adam's at batch 16, 256 px): which of the
-candidate changes would get lic-deploy's SOAP there, measured before one is built into `train/soap.py`.
+"""An experiment for issue 15's GPU goal (a whole SOAP step <= 1.3x Adam's at batch 16, 256 px): lic-deploy's SOAP
+with and without its CUDA graph, against Adam, and where its eigenbasis update spends its time.
 
 Variants, their steps interleaved (one of each per round) on one fixed random batch, mbt2018-mean N=128/M=192:
 - `adam`: torch.optim.Adam as `lic-deploy train` builds it (the baseline);
-- `soap`: lic-deploy's SOAP as it is (eager; parameters of one shape stacked, moments over foreach lists; the
-  eigenbasis update every 10 steps, its QRs on the device);
-- `soap in-place`: the same with the CPU's moments, one shape at a time in place (more launches, less traffic);
-- `soap host-qr`: the same with the batched QRs of the eigenbasis update on the host (on CUDA PyTorch loops over
-  the batch, one cuSOLVER call per matrix: pytorch/pytorch#143281);
-- `soap graph` (CUDA only): the optimizer step captured once in a CUDA graph and replayed (no host dispatch; the
-  gradients accumulate in place so their addresses stay). Its eigenbasis update is switched off, so its mean is a
-  plain step's: the script adds the host-QR variant's update cost (its mean minus its median, as the bench
-  measures it) to give the estimate, labelled as such.
+- `soap`: lic-deploy's SOAP as it trains on CUDA: its plain steps replayed as one CUDA graph, the moments over
+  foreach lists; the eigenbasis update every 10 steps eager;
+- `soap in-place`: the same with the CPU's moments, one shape at a time in place (fewer passes over memory);
+- `soap eager`: no CUDA graph (every operator launched from the host).
 
     PYTHONPATH=. python scripts/gpu_step_variants.py [--device cuda --batch 16 --patch 256 --rounds 30]
 
 Prints per variant the whole step and the optimizer part (mean over whole precondition periods, and median) and the
-ratio of the whole step to Adam's. On the CPU (a mechanics check) the graph variant is skipped.
+ratio of the whole step to Adam's; then (`--profile`) the operators of one eigenbasis update by device and host
+time (torch.profiler).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 
@@ -37,66 +30,44 @@ from lic_deploy.train.loop import rd_loss
 from lic_deploy.train.optim import build_optimizer, split_parameters
 
 
-@contextlib.contextmanager
-def host_qr() -> Iterator[None]:
-    """torch.linalg.qr of device tensors computed on the host, for the duration."""
-    qr = torch.linalg.qr
-
-    def on_host(a: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if a.device.type == "cpu":
-            return qr(a, *args, **kwargs)
-        q, r = qr(a.cpu(), *args, **kwargs)
-        return q.to(a.device, non_blocking=True), r.to(a.device, non_blocking=True)
-
-    torch.linalg.qr = on_host
-    try:
-        yield
-    finally:
-        torch.linalg.qr = qr
-
-
 class Variant:
-    """One model and optimizer; `step()` is the optimizer part (eager, or a CUDA graph's replay)."""
+    """One model and optimizer, stepped on one batch; the whole steps and optimizer parts in ms."""
 
-    def __init__(self, name: str, args: argparse.Namespace, optimizer: str = "soap", graph: bool = False,
-                 on_host: bool = False, in_place: bool | None = None) -> None:
+    def __init__(self, name: str, args: argparse.Namespace, optimizer: str = "soap", graph: bool | None = None,
+                 in_place: bool | None = None) -> None:
         torch.manual_seed(0)
-        self.name, self.graph, self.on_host = name, graph, on_host
+        self.name = name
         self.model = get_adapter("mbt2018-mean").build({"N": args.N, "M": args.M}).to(args.device).train()
-        self.opt, hp = build_optimizer(optimizer, split_parameters(self.model)[0])
-        self.period = hp.get("precondition_frequency", 1)
-        if in_place is not None:
-            self.opt.in_place = in_place
-        if graph:
-            self.opt.param_groups[0]["precondition_frequency"] = 10**9  # plain steps only (see the docstring)
-        self.replay: Callable[[], None] | None = None
+        self.opt, _ = build_optimizer(optimizer, split_parameters(self.model)[0])
+        if optimizer == "soap":
+            self.opt.cuda_graph, self.opt.in_place = graph, in_place
         self.steps: list[float] = []
         self.opt_part: list[float] = []
 
     def backward(self, x: torch.Tensor) -> None:
         loss, _, _ = rd_loss(self.model(x), x, 0.013)
-        self.opt.zero_grad(set_to_none=not self.graph)  # a graph reads the gradients where they were captured
+        self.opt.zero_grad(set_to_none=True)  # as `lic-deploy train`
         loss.backward()
 
-    def step(self) -> None:
-        if self.replay is not None:
-            self.replay()
-            return
-        with host_qr() if self.on_host else contextlib.nullcontext():
-            self.opt.step()
 
-    def capture(self) -> None:
-        """Record one optimizer step in a CUDA graph (after eager warm-up steps on a side stream)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.opt.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self.opt.step()
-        self.replay = graph.replay
+def profile_update(v: Variant, x: torch.Tensor, device: str) -> None:
+    """torch.profiler over the optimizer step that ends a precondition period (the eigenbasis update's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    period = v.opt.param_groups[0]["precondition_frequency"]
+    while (v.opt.param_groups[0]["step"] - 1) % period != period - 1:
+        v.backward(x)
+        v.opt.step()
+    v.backward(x)
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        v.opt.step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    print(f"\nprofile of the step with the eigenbasis update ({v.name}), by {sort}:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=40))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
 def main() -> int:
@@ -108,25 +79,19 @@ def main() -> int:
     parser.add_argument("--patch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=30, help="timed steps per variant (whole periods of 10)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="profile an eigenbasis update afterwards")
     args = parser.parse_args()
-    cuda = args.device.startswith("cuda")
     variants = [Variant("adam", args, "adam"), Variant("soap", args), Variant("soap in-place", args, in_place=True),
-                Variant("soap host-qr", args, on_host=True)]
-    if cuda:
-        variants.append(Variant("soap graph", args, graph=True))
+                Variant("soap eager", args, graph=False)]
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=args.device)
     for i in range(args.warmup + args.rounds):
         for v in variants:
-            if v.graph and v.replay is None and i == args.warmup - 1:
-                v.backward(x)
-                v.capture()
-                continue
             _sync(args.device)
             t0 = time.perf_counter()
             v.backward(x)
             _sync(args.device)
             t1 = time.perf_counter()
-            v.step()
+            v.opt.step()
             _sync(args.device)
             t2 = time.perf_counter()
             if i >= args.warmup:
@@ -143,13 +108,10 @@ def main() -> int:
           f"{args.rounds} timed steps each (interleaved):")
     print(format_table(["variant", "step ms", "median", "optimizer part ms", "median", "step / Adam (means)",
                         "weights finite"], rows))
-    if cuda:
-        by_name = {v.name: v for v in variants}
-        parts = by_name["soap host-qr"].opt_part
-        update = statistics.fmean(parts) - statistics.median(parts)
-        estimate = statistics.fmean(by_name["soap graph"].steps) + update
-        print(f"estimate, graph-replayed plain steps + the host-QR eigenbasis update averaged in ({update:.2f} ms a "
-              f"step): {estimate:.2f} ms, {estimate / adam:.3f}x Adam")
+    graphed = variants[1].opt._graphs.get(0, (None, None))[1] is not None
+    print(f"soap's plain steps replayed as a CUDA graph: {graphed}")
+    if args.profile:
+        profile_update(variants[1], x, args.device)
     return 0
 
 

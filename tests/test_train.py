@@ -269,13 +269,17 @@ def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path:
     assert code == 2 and not (tmp_path / "bad.pt").exists()
 
 
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, (1e-5, 1e-6)), (torch.float64, (1e-6, 1e-8))])
-def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype, tol: tuple[float, float]) -> None:
+@pytest.mark.parametrize(("dtype", "tol", "graphed"), [(torch.float32, (1e-5, 1e-6), False),
+                                                      (torch.float64, (1e-6, 1e-8), False),
+                                                      (torch.float32, (1e-5, 1e-6), True)])
+def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype, tol: tuple[float, float],
+                                                             graphed: bool) -> None:
     """lic-deploy's SOAP (first moment kept in the eigenbasis) against pytorch-optimizer's on the same gradients:
     conv-shaped (3x3, 1x1, one dim above max_precondition_dim: the 4-D layout and the generic path), 3-D (as the
     entropy bottleneck's, one with a dim above the limit), 2-D and 1-D parameters, weight decay, 25 steps crossing
     two eigenbasis updates; every step's parameters equal to float32 rounding (in float64 the reordered arithmetic
-    agrees to 1e-8, the float32 QR both do being the limit), and far from the start."""
+    agrees to 1e-8, the float32 QR both do being the limit), and far from the start. `graphed`: the step a CUDA
+    graph replays (gradients copied into buffers, step size and decay read from a tensor), run eagerly here."""
     torch.manual_seed(0)
     shapes = [(8, 6, 3, 3), (6, 6), (6,), (5, 40), (7, 5, 1, 1), (4, 40, 3, 3), (6, 3, 1), (6, 3, 3), (3, 40, 2)]
     start = [torch.randn(s, dtype=dtype) for s in shapes]
@@ -285,6 +289,8 @@ def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype,
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt, hp = build_optimizer("soap", params, soap_impl=impl)
         assert hp["implementation"] == impl
+        if impl == "lic-deploy":
+            opt.cuda_graph = graphed
         for group in opt.param_groups:
             group["weight_decay"], group["max_precondition_dim"] = 0.01, 32
         paths[impl] = []
@@ -325,6 +331,45 @@ def test_soap_moments_in_place_and_over_foreach_lists_are_bit_identical(bf16: bo
         finals.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*finals, strict=True))
     assert all(not torch.equal(a, w) for a, w in zip(finals[0], start, strict=True))
+
+
+def test_soap_state_stays_at_the_addresses_a_cuda_graph_captured() -> None:
+    """A CUDA graph replays reads and writes at the addresses it captured. From its second step on, SOAP's stacks
+    (GG, Q, m, v, the rotation matrices, the gradient buffers) keep their storage across eigenbasis updates, which
+    write into them, and the per-parameter states stay views of those stacks, so that state_dict() sees the update."""
+    from lic_deploy.train.soap import SOAP
+
+    torch.manual_seed(0)
+    shapes = [(8, 6, 3, 3), (8, 6, 3, 3), (6, 6), (6,), (7, 5, 1, 1)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = SOAP(params, lr=1e-2)
+    opt.cuda_graph = True
+
+    def addresses() -> list[int]:
+        out = []
+        for stack in opt._stacks.values():
+            for key, value in stack.items():
+                if isinstance(key, tuple):
+                    out.append(value[0].data_ptr())
+            out += [t.data_ptr() for t in stack.get("rot", [])] + [stack["grad"].data_ptr()]
+        return out
+
+    seen, qs = [], []
+    for step in range(1, 24):  # eigenbasis updates after steps 11 and 21
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        if step >= 2:
+            seen.append(addresses())
+            qs.append(opt.state[params[1]]["Q"][0].clone())
+    # two 4-D groups (m, v, 4 GG, 4 Q, 3 rotations, gradients), 2-D (m, v, 2 GG, 2 Q, gradients), 1-D (m, v, gradients)
+    assert len(seen[0]) == 2 * 14 + 7 + 3 and all(a == seen[0] for a in seen)
+    assert not torch.equal(qs[8], qs[9]) and torch.equal(qs[9], qs[10])  # the update changed Q in place
+    stack = opt._stacks[(id(params[0]), id(params[1]))]
+    for i, p in enumerate(params[:2]):
+        state = opt.state[p]
+        assert state["exp_avg"].data_ptr() == stack[("exp_avg", None)][0][i].data_ptr()
+        assert all(q.data_ptr() == stack[("Q", d)][0][i].data_ptr() for d, q in enumerate(state["Q"]))
 
 
 def test_soap_state_from_before_the_4d_layout_resumes_to_the_same_updates() -> None:
@@ -436,12 +481,14 @@ def test_soap_precision_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "needs fp32" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("bf16", "in_place"), [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize(("bf16", "in_place", "graphed"), [(False, True, False), (True, True, False),
+                                                           (False, False, False), (False, False, True)])
 def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_path: Path, bf16: bool,
-                                                                            in_place: bool) -> None:
+                                                                            in_place: bool, graphed: bool) -> None:
     """The eigenbases after an update are slices of one batched QR; with the parameters of one shape stacked, the
     states hold views of the stacks. The state saved after that (torch.save, loaded with weights_only=True)
-    continues exactly as the uninterrupted run, across the next update too (3-D parameters included)."""
+    continues exactly as the uninterrupted run, across the next update too (3-D parameters included; `graphed`:
+    the CUDA graph's step, eagerly)."""
     torch.manual_seed(0)
     shapes = [(8, 6, 3, 3), (6, 8, 3, 3), (8, 8), (8,), (6, 3, 1), (8, 6, 3, 3), (8, 8)]
     start, grads = [torch.randn(s) for s in shapes], [[torch.randn(s) for s in shapes] for _ in range(24)]
@@ -449,12 +496,12 @@ def test_soap_resumes_exactly_from_a_saved_state_after_an_eigenbasis_update(tmp_
     for cut in (None, 14):  # the update comes at step 11, the next at 21
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
-        opt.in_place = in_place
+        opt.in_place, opt.cuda_graph = in_place, graphed
         for i, gs in enumerate(grads):
             if i == cut:
                 torch.save(opt.state_dict(), tmp_path / "opt.pt")
                 opt, _ = build_optimizer("soap", params, soap_bf16=bf16)
-                opt.in_place = in_place
+                opt.in_place, opt.cuda_graph = in_place, graphed
                 opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
             for p, g in zip(params, gs, strict=True):
                 p.grad = g.clone()

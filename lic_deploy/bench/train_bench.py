@@ -6,9 +6,10 @@ Prints, in one run on this machine (after warm-up):
   statistics, projections and, every `precondition_frequency` steps, its eigenbasis update) in ms, each as the
   mean over whole multiples of that frequency (what training's wall-clock sees: the periodic update averaged in)
   and the median (a step without the update); SOAP / Adam ratios of both;
-- the host side of each optimizer's step as a GPU runs it (SOAP's moments over foreach lists): the operators it
-  dispatches (on a GPU each non-view operator is a kernel launch) and its time on the CPU at N=M=4, the same
-  parameters with next to no arithmetic; on a GPU, where a SOAP step is launch-bound, this is what to cut;
+- the host side of each optimizer's eager step as a GPU would run it (SOAP's moments over foreach lists, no CUDA
+  graph): the operators it dispatches (on a GPU each non-view operator is a kernel launch) and its time on the
+  CPU at N=M=4, the same parameters with next to no arithmetic. On a GPU SOAP replays its plain steps as one
+  CUDA graph, so these launches cost little there except in the eigenbasis update, which stays eager;
 - the float32 and bfloat16 matmul rates (what `--soap-bf16` gains on this machine);
 - images per second of the streaming data pipeline (decode, crop, flip, batch) with 0, 2 and 4 workers.
 
@@ -76,7 +77,8 @@ def time_steps(variants: list[tuple[str, str, bool]], args: argparse.Namespace) 
 
 
 def host_side(optimizer: str, steps: int = 40) -> tuple[int, int, float]:
-    """An optimizer's step on mbt2018-mean as a GPU runs it (foreach lists): (operators dispatched by a step
+    """An optimizer's step on mbt2018-mean as a GPU runs it eagerly (foreach lists; SOAP's CUDA graph off, whose
+    replay dispatches none of these one by one): (operators dispatched by a step
     without SOAP's eigenbasis update, by one with it, median CPU ms per step at N=M=4). The counts depend only on
     the parameters' ranks; at N=M=4 the time is the host's dispatching, next to no arithmetic."""
     import torch
@@ -98,7 +100,7 @@ def host_side(optimizer: str, steps: int = 40) -> tuple[int, int, float]:
     if isinstance(opt, torch.optim.Adam):
         opt.param_groups[0]["foreach"] = True
     else:
-        opt.in_place = False
+        opt.in_place, opt.cuda_graph = False, False
     freq = hp.get("precondition_frequency", 1)
     counts, times = [], []
     for step in range(1, steps + 1):
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in (soap, soap_bf16):
         ratio = r["optimizer_ms"] / reference["optimizer_ms"]
         print(f"optimizer part, {r['optimizer']} / pytorch-optimizer's: {ratio:.3f}")
-    print("\nhost side of a step as on a GPU (mbt2018-mean; operators dispatched, and CPU ms at N=M=4):")
+    print("\nhost side of an eager step as on a GPU (mbt2018-mean; operators dispatched, and CPU ms at N=M=4):")
     host = [[name, *host_side(name)] for name in ("adam", "soap")]
     print(format_table(["optimizer", "operators", "with eigenbasis update", "host ms"], host))
     gemm = gemm_rates(args.device)

@@ -47,7 +47,9 @@ float32 rounding; `make bench-soap-bf16` compares the loss curves.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
+from functools import partial
 from itertools import chain
 from typing import Any
 
@@ -137,18 +139,18 @@ def _from_eigen(t: torch.Tensor, stack: Stack) -> torch.Tensor:
     return _rotate(t, [stack.get(("Q", i), (None,))[0] for i in range(t.dim() - 1)], back=True)
 
 
-def _rotated_grads(params: list[torch.Tensor], stack: Stack, weight: float) -> torch.Tensor:
-    """The stacked gradients of a group in the eigenbasis, a new tensor (scratch for the moments), the factor
+def _rotated_grads(g: torch.Tensor, stack: Stack, weight: float) -> torch.Tensor:
+    """A group's stacked gradients g [k, ...] in the eigenbasis, a new tensor (scratch for the moments), the factor
     statistics lerped by `weight` on the way."""
-    g = torch.stack([p.grad for p in params]) if len(params) > 1 else params[0].grad.unsqueeze(0)  # type: ignore
     r = _to_eigen(g, stack, weight)
-    return r.clone() if r.data_ptr() == params[0].grad.data_ptr() else r  # (no factors: a view of the grad)
+    return r.clone() if r.data_ptr() == g.data_ptr() else r  # (no factors: a view of g)
 
 
 class SOAP(torch.optim.Optimizer):
     """See the module docstring. `project` has pytorch-optimizer's signature (the alignment metrics use it)."""
 
     in_place: bool | None = None  # the moments one shape at a time, in place (None: on the CPU), else foreach
+    cuda_graph: bool | None = None  # plain steps as one replayed CUDA graph (None: on CUDA; the CPU runs them eagerly)
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float | None = None, eps: float = 1e-8, weight_decay: float = 0.0,
@@ -161,6 +163,10 @@ class SOAP(torch.optim.Optimizer):
                     "merge_dims": False, "bf16_matmul": bf16_matmul, "step": 0}
         super().__init__(params, defaults)
         self._stacks: dict[tuple[int, ...], Stack] = {}
+        self._graphs: dict[int, tuple[Any, Any, int]] = {}  # per param group: key, CUDA graph, eager warm-up steps
+        self._scalars: dict[int, torch.Tensor] = {}  # per param group: [-step size, weight-decay factor]
+        self._side: Any = None  # the side stream of the warm-up steps
+        self._no_graph = False
 
     @staticmethod
     def _stack_of(state: dict[str, Any], dtype: torch.dtype) -> Stack:
@@ -174,29 +180,45 @@ class SOAP(torch.optim.Optimizer):
     def _stacked(self, params: list[torch.Tensor], states: list[dict[str, Any]], dtype: torch.dtype) -> Stack:
         """A group of same-shaped parameters' GG_i, Q_i, m and v as stacks [k, ...] whose slices are the states'
         tensors (a group of one: views of its tensors; of several: buffers the states then hold views of), and a
-        4-D weight's rotation matrices in the products' `dtype`, kept until Q changes. Rebuilt for what a state
-        holds anew (the first step, an eigenbasis update, a load): a copy every `precondition_frequency` steps."""
+        4-D weight's rotation matrices in the products' `dtype`. Allocated once, so that a CUDA graph's addresses
+        stay valid: the eigenbasis update writes into them, and a state's tensor that is not its slice (after a
+        load, or a step in which other parameters had no gradient) is copied into the slice."""
         stack = self._stacks.setdefault(tuple(id(p) for p in params), {"layout": states[0]["layout"]})
+        factors = [i for i, f in enumerate(states[0]["GG"]) if f is not None]
         slots: list[tuple[str, int | None]] = [("exp_avg", None), ("exp_avg_sq", None)]
-        slots += [(key, i) for key in ("GG", "Q") for i, f in enumerate(states[0]["GG"]) if f is not None]
-        changed = False
+        slots += [(key, i) for key in ("GG", "Q") for i in factors]
+        changed = "factors" not in stack
+        stack["factors"] = factors
         for key, i in slots:
             current = [st[key] if i is None else st[key][i] for st in states]
-            if (key, i) not in stack or any(t is not v for t, v in zip(current, stack[(key, i)][1], strict=True)):
-                if len(current) == 1:
-                    stack[(key, i)] = (current[0].unsqueeze(0), current)
+            held = stack.get((key, i))
+            if held is not None and all(t is v for t, v in zip(current, held[1], strict=True)):
+                continue
+            if held is None:
+                whole = current[0].unsqueeze(0) if len(current) == 1 else torch.stack(current)
+                stack[(key, i)] = held = (whole, current if len(current) == 1 else list(whole.unbind(0)))
+            else:
+                for view, t in zip(held[1], current, strict=True):
+                    if view is not t:
+                        view.copy_(t)
+            for st, view in zip(states, held[1], strict=True):
+                if i is None:
+                    st[key] = view
                 else:
-                    whole = torch.stack(current)
-                    stack[(key, i)] = (whole, list(whole.unbind(0)))
-                    for st, view in zip(states, stack[(key, i)][1], strict=True):
-                        if i is None:
-                            st[key] = view
-                        else:
-                            st[key][i] = view
-                changed |= key == "Q"
-        if stack["layout"] and (changed or "rot" not in stack or stack["rot"][0].dtype != dtype):
-            stack["rot"] = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
+                    st[key][i] = view
+            changed |= key == "Q"
+        if stack["layout"] and (changed or stack["rot"][0].dtype != dtype):
+            self._refresh_rotations(stack, dtype)
         return stack
+
+    @staticmethod
+    def _refresh_rotations(stack: Stack, dtype: torch.dtype) -> None:
+        """A 4-D weight group's rotation matrices from its Q stacks, into the buffers it has (if of `dtype`)."""
+        rot = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
+        if "rot" in stack and stack["rot"][0].dtype == dtype:
+            torch._foreach_copy_(stack["rot"], rot)
+        else:
+            stack["rot"] = rot
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], merge_dims: bool = False,
                 max_precondition_dim: int = 10000, project_type: str = "forward") -> torch.Tensor:
@@ -230,50 +252,58 @@ class SOAP(torch.optim.Optimizer):
         return out
 
     @staticmethod
-    def _rebase(m: torch.Tensor, r: list[torch.Tensor | None], state: dict[str, Any],
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-        """m from the old eigenbasis into the new one: Q_new^T Q_old m, one rotation by the factors
-        R_i = Q_old_i^T Q_new_i. A 4-D weight's m is rotated in its [k1, k2, a, b] layout, as [k1 k2, a, b] whose
-        cycle of GEMMs ends where it starts (products in `dtype`, default m's)."""
-        stacked = [None if ri is None else ri.unsqueeze(0) for ri in r]
-        if state["layout"]:
-            k1, k2, a, b = m.shape
-            ra, rb, rk = _rotations(stacked, dtype or m.dtype)  # type: ignore[arg-type]
-            rotated = _rotate(m.reshape(1, k1 * k2, a, b).to(ra.dtype), [rk.transpose(1, 2), ra, rb])
+    def _rebase(m: torch.Tensor, r: list[torch.Tensor | None], layout: int, dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+        """Stacked m [k, ...] from the old eigenbasis into the new one: Q_new^T Q_old m, one rotation by the
+        stacked factors R_i = Q_old_i^T Q_new_i. A 4-D weight's m is rotated in its [k1, k2, a, b] layout, as
+        [k1 k2, a, b] whose cycle of GEMMs ends where it starts (products in `dtype`, default m's)."""
+        if layout:
+            k, k1, k2, a, b = m.shape
+            ra, rb, rk = _rotations(r, dtype or m.dtype)  # type: ignore[arg-type]
+            rotated = _rotate(m.reshape(k, k1 * k2, a, b).to(ra.dtype), [rk.transpose(1, 2), ra, rb])
             return rotated.view(m.shape).to(m.dtype)
-        return _rotate(m.unsqueeze(0), stacked)[0]
+        return _rotate(m, r)
 
-    @classmethod
-    def _new_eigenbases(cls, states: list[dict[str, Any]], dtype: torch.dtype | None) -> None:
-        """One power iteration per factor and QR, batched over the factors of one size (a few calls instead of
+    def _new_eigenbases(self, stacks: list[Stack], dtype: torch.dtype | None) -> None:
+        """One power iteration per factor and QR, batched over all factors of one size (a few calls instead of
         several per factor; on a GPU, launches). As pytorch-optimizer, each QR takes the columns of GG Q sorted by
         estimated eigenvalue; pytorch-optimizer then permutes the second moment v to that order, here the new Q's
         columns are put back in v's order instead (n x n numbers instead of all of v; the pairs of eigenvector and
-        v entry are the same, and so the next update's sorted columns). Then every m is rotated into its new basis."""
-        groups: dict[tuple[Any, ...], list[tuple[dict[str, Any], int]]] = {}
-        for st in states:
-            for i, gg in enumerate(st["GG"]):
-                if gg is not None:
-                    groups.setdefault((gg.shape, gg.dtype, gg.device), []).append((st, i))
-        new = {id(st): (list(st["Q"]), list(st["Q"])) for st in states}  # new Q, R = Q_old^T Q_new per factor
+        v entry are the same, and so the next update's sorted columns). Then every stacked m is rotated into its
+        new basis. Q, m and the rotation matrices are overwritten in place (`_stacked`)."""
+        groups: dict[tuple[Any, ...], list[tuple[Stack, int]]] = {}
+        for stack in stacks:
+            for i in stack["factors"]:
+                gg = stack[("GG", i)][0]
+                groups.setdefault((gg.shape[1:], gg.dtype, gg.device), []).append((stack, i))
+        turns: dict[int, dict[int, torch.Tensor]] = {}  # per stack and factor: R = Q_old^T Q_new, stacked
         for (_, kind, _), items in groups.items():
-            q = torch.stack([st["Q"][i] for st, i in items])
-            product = torch.bmm(torch.stack([st["GG"][i] for st, i in items]), q)
+            q = torch.cat([stack[("Q", i)][0] for stack, i in items])
+            product = torch.bmm(torch.cat([stack[("GG", i)][0] for stack, i in items]), q)
             order = torch.argsort((q * product).sum(1), dim=1, descending=True)[:, None, :].expand_as(q)
             ranked = torch.linalg.qr(product.gather(2, order).to(torch.float32))[0].to(kind)  # as pytorch-optimizer
             q_new = torch.empty_like(ranked).scatter_(2, order, ranked)  # the columns back in v's order
             r = torch.bmm(q.transpose(1, 2), q_new)
-            for (st, i), qi, ri in zip(items, q_new, r, strict=True):
-                new[id(st)][0][i], new[id(st)][1][i] = qi, ri
-        for st in states:
-            st["Q"], r = new[id(st)]
-            st["exp_avg"] = cls._rebase(st["exp_avg"], r, st, dtype)
+            at = 0
+            for stack, i in items:
+                held = stack[("Q", i)][0]
+                held.copy_(q_new[at:at + held.shape[0]])
+                turns.setdefault(id(stack), {})[i] = r[at:at + held.shape[0]]
+                at += held.shape[0]
+        for stack in stacks:
+            if id(stack) in turns:
+                m = stack[("exp_avg", None)][0]
+                r = [turns[id(stack)].get(i) for i in range(m.dim() - 1)]
+                m.copy_(self._rebase(m, r, stack["layout"], dtype))
+                if stack["layout"]:
+                    self._refresh_rotations(stack, stack["rot"][0].dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Also resumes states saved before the 4-D layout existed (their m and v are permuted into it) and before
         the rotation matrices moved out of the state (`rot`, dropped: they follow from Q)."""
         super().load_state_dict(state_dict)
         self._stacks.clear()
+        self._graphs.clear()
         for state in self.state.values():
             state.pop("rot", None)
             if "GG" in state and "layout" not in state:
@@ -288,7 +318,7 @@ class SOAP(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             shampoo = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
             live = [p for p in group["params"] if p.grad is not None]
@@ -310,35 +340,107 @@ class SOAP(torch.optim.Optimizer):
             t = group["step"] - 1
             size = group["lr"] * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
             dtype = torch.bfloat16 if group.get("bf16_matmul") else None  # (absent from checkpoints before it)
-            groups: dict[Any, list[torch.Tensor]] = {}
+            shapes: dict[Any, list[torch.Tensor]] = {}
             for p in live:
-                groups.setdefault((p.shape, p.dtype), []).append(p)
+                shapes.setdefault((p.shape, p.dtype), []).append(p)
             stacks = [(ps, self._stacked(ps, [self.state[p] for p in ps], dtype or ps[0].dtype))
-                      for ps in groups.values()]
+                      for ps in shapes.values()]
             in_place = self.in_place if self.in_place is not None else not live[0].is_cuda
-            if in_place:  # one shape at a time, in place: its chain stays in cache (CPU)
-                updates = []
+            graphed = self.cuda_graph if self.cuda_graph is not None else live[0].is_cuda
+            if not graphed:
+                grads = [torch.stack([p.grad for p in ps]) if len(ps) > 1 else ps[0].grad.unsqueeze(0)  # type: ignore
+                         for ps, _ in stacks]
+                self._plain_step(group, stacks, grads, in_place, size)
+            else:  # inputs at fixed addresses: gradients copied into buffers, the step size in a tensor
                 for ps, stack in stacks:
-                    r = _rotated_grads(ps, stack, 1.0 - shampoo)
-                    m = stack[("exp_avg", None)][0].lerp_(r, 1.0 - beta1)
-                    v = stack[("exp_avg_sq", None)][0].lerp_(r.mul_(r), 1.0 - beta2)
-                    denominator = torch.sqrt(v, out=r).add_(group["eps"])
-                    # a 4-D weight's bf16 products take m / denominator rounded to bf16 as they are written
-                    u = torch.empty_like(r, dtype=dtype) if dtype is not None and stack["layout"] else r
-                    updates.append(_from_eigen(torch.div(m, denominator, out=u), stack).unbind(0))
-            else:  # every shape's moments in a few foreach launches (GPU)
-                rs = [_rotated_grads(ps, stack, 1.0 - shampoo) for ps, stack in stacks]
-                ms = [stack[("exp_avg", None)][0] for _, stack in stacks]
-                vs = [stack[("exp_avg_sq", None)][0] for _, stack in stacks]
-                torch._foreach_lerp_(ms, rs, 1.0 - beta1)
-                torch._foreach_lerp_(vs, torch._foreach_mul(rs, rs), 1.0 - beta2)
-                denominators = torch._foreach_sqrt(vs)
-                torch._foreach_add_(denominators, group["eps"])
-                updates = [_from_eigen(u, stack).unbind(0)
-                           for (_, stack), u in zip(stacks, torch._foreach_div(ms, denominators), strict=True)]
-            torch._foreach_add_([p for ps, _ in stacks for p in ps], [*chain.from_iterable(updates)], alpha=-size)
-            if group["weight_decay"]:
-                torch._foreach_mul_(live, 1.0 - group["lr"] * group["weight_decay"])
+                    if "grad" not in stack:
+                        stack["grad"] = ps[0].new_empty((len(ps), *ps[0].shape))
+                grads = [stack["grad"] for _, stack in stacks]
+                buffers = [g for gs in grads for g in gs.unbind(0)]
+                torch._foreach_copy_(buffers, [p.grad for ps, _ in stacks for p in ps])  # type: ignore[misc]
+                scalars = self._scalars.get(index)
+                if scalars is None or scalars.device != live[0].device:
+                    scalars = self._scalars[index] = torch.zeros(2, device=live[0].device, dtype=torch.float32)
+                scalars[0].fill_(-size)
+                scalars[1].fill_(1.0 - group["lr"] * group["weight_decay"])
+                key = (tuple(id(p) for p in live), dtype, group["betas"], shampoo, group["eps"],
+                       bool(group["weight_decay"]), in_place)
+                self._replay(index, key, partial(self._plain_step, group, stacks, grads, in_place, scalars))
             if t % group["precondition_frequency"] == 0:
-                self._new_eigenbases([self.state[p] for p in live], dtype)
+                self._new_eigenbases([stack for _, stack in stacks], dtype)
         return loss
+
+    @staticmethod
+    def _plain_step(group: dict[str, Any], stacks: list[tuple[list[torch.Tensor], Stack]], grads: list[torch.Tensor],
+                    in_place: bool, size: float | torch.Tensor) -> None:
+        """Everything of a step but the eigenbasis update, from the stacked gradients: the statistics, the moments
+        in the eigenbasis, the update rotated back and applied. `size` is the step size, or a float32 tensor
+        [-step size, weight-decay factor] (the step CUDA graphs replay: no value baked in)."""
+        beta1, beta2 = group["betas"]
+        shampoo = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
+        dtype = torch.bfloat16 if group.get("bf16_matmul") else None
+        if in_place:  # one shape at a time, in place: its chain stays in cache (CPU)
+            updates = []
+            for (_, stack), g in zip(stacks, grads, strict=True):
+                r = _rotated_grads(g, stack, 1.0 - shampoo)
+                m = stack[("exp_avg", None)][0].lerp_(r, 1.0 - beta1)
+                v = stack[("exp_avg_sq", None)][0].lerp_(r.mul_(r), 1.0 - beta2)
+                denominator = torch.sqrt(v, out=r).add_(group["eps"])
+                # a 4-D weight's bf16 products take m / denominator rounded to bf16 as they are written
+                u = torch.empty_like(r, dtype=dtype) if dtype is not None and stack["layout"] else r
+                updates.append(_from_eigen(torch.div(m, denominator, out=u), stack))
+        else:  # every shape's moments in a few foreach launches (GPU)
+            rs = [_rotated_grads(g, stack, 1.0 - shampoo) for (_, stack), g in zip(stacks, grads, strict=True)]
+            ms = [stack[("exp_avg", None)][0] for _, stack in stacks]
+            vs = [stack[("exp_avg_sq", None)][0] for _, stack in stacks]
+            torch._foreach_lerp_(ms, rs, 1.0 - beta1)
+            torch._foreach_lerp_(vs, torch._foreach_mul(rs, rs), 1.0 - beta2)
+            denominators = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denominators, group["eps"])
+            updates = [_from_eigen(u, stack)
+                       for (_, stack), u in zip(stacks, torch._foreach_div(ms, denominators), strict=True)]
+        params = [p for ps, _ in stacks for p in ps]
+        if isinstance(size, float):
+            torch._foreach_add_(params, [u for us in updates for u in us.unbind(0)], alpha=-size)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+            return
+        torch._foreach_mul_(updates, size[0])
+        torch._foreach_add_(params, [u for us in updates for u in us.unbind(0)])
+        if group["weight_decay"]:
+            torch._foreach_mul_(params, size[1])
+
+    def _replay(self, index: int, key: tuple[Any, ...], step: Any) -> None:
+        """Run `step` (param group `index`'s plain step) as a CUDA graph: two eager steps on a side stream first (as
+        torch.cuda.graphs asks before a capture), then one capture, replayed from then on while `key` (the live
+        parameters and the constants the graph holds) stays. On the CPU, or after a failed capture, `step` runs
+        eagerly."""
+        held_key, graph, warm = self._graphs.get(index, (None, None, 0))
+        if held_key != key:
+            graph, warm = None, 0
+        if graph is not None:
+            graph.replay()
+            return
+        device = self._scalars[index].device
+        if device.type != "cuda" or self._no_graph:
+            step()
+            return
+        if warm < 2:
+            side = self._side = self._side or torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            self._graphs[index] = (key, None, warm + 1)
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                step()
+        except RuntimeError as err:  # an operator that cannot be captured: stay eager, and say so once
+            warnings.warn(f"SOAP's step could not be captured as a CUDA graph, it stays eager: {err}", stacklevel=3)
+            self._no_graph = True
+            step()
+            return
+        self._graphs[index] = (key, graph, warm)
+        graph.replay()
