@@ -275,7 +275,7 @@ def test_soap_cuda_graph_replays_the_eager_steps() -> None:
                 p.grad = g.clone()
             opt.step()
             paths[-1].append([p.detach().clone() for p in params])
-        assert (opt._graphs[0][1] is not None) is graphed
+        assert (opt._graphs.get(0, (None, None, 0))[1] is not None) is graphed
     for eager, replayed in zip(*paths, strict=True):
         for a, b in zip(eager, replayed, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
