@@ -18,7 +18,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .gpu-data/train ] || { echo ".gpu-data/train is missing: run scripts/gpu_pack.py first" >&2; exit 2; }
 OUT="$OUT" TEST_TIMEOUT=${TEST_TIMEOUT:-120} BENCH_TIMEOUT=${BENCH_TIMEOUT:-150} BENCH_DATA=.gpu-data/train bash scripts/gpu_train_check.sh
-timeout "${VARIANTS_TIMEOUT:-120}" python3 scripts/gpu_step_variants.py 2>&1 | tee "$OUT/gpu_step_variants.log"
+timeout "${VARIANTS_TIMEOUT:-120}" python3 scripts/gpu_step_variants.py --profile 2>&1 | tee "$OUT/gpu_step_variants.log"
 echo "gpu_step_variants exit code: $?"
 start=$(date +%s)
 timeout "${MODELS_TIMEOUT:-300}" python3 -m lic_deploy.train.model_set --preset gpu --max-seconds "${GPU_SECONDS:-180}" \

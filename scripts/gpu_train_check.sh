@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -q -m gpu tests/test_train_scale.py -p no:cacheprovider
     echo "gpu tests exit code: $?"
     timeout "${BENCH_TIMEOUT:-240}" "$PY" -m lic_deploy.bench.train_bench --device cuda --batch 16 --patch 256 \
-        --steps 3 --warmup 5 --threads "$(nproc)" \
+        --steps "${BENCH_STEPS:-3}" --warmup 5 --threads "$(nproc)" \
         ${BENCH_DATA:+--data "$BENCH_DATA"}
     echo "bench-train exit code: $?"
 } 2>&1 | tee "$OUT/gpu_train_check.log"
