@@ -368,6 +368,21 @@ def test_model_card_names_where_the_run_trained() -> None:
     assert _hardware({"device": "cuda:1", "world_size": 4}) == "4 processes on cuda"
 
 
+def test_model_set_without_adam_validation_publishes_no_equal_quality_model(
+        flat: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget that ends before Adam's first validation (seen on the H200 with --max-seconds 15) leaves no loss for
+    the equal-quality run to reach: the set is published without it, with a warning, instead of a traceback."""
+    from lic_deploy.train import cards, model_set
+
+    trained, published = [], []
+    monkeypatch.setattr(model_set, "train", lambda cfg: trained.append(cfg.output))  # no run logs a validation
+    monkeypatch.setattr(cards, "publish", lambda ckpt, models, kodak=None: published.append(Path(ckpt).name))
+    model_set.main(["--data", str(flat), "--val", str(flat), "--runs", str(tmp_path / "runs"), "--models",
+                    str(tmp_path / "models"), "--steps", "2", "--chunk", "2"])
+    assert len(trained) == len(published) == 8 and not any("-eq" in name for name in published)
+    assert "no equal-quality model" in capsys.readouterr().err
+
+
 def test_model_set_gpu_preset_gives_the_recipe_and_explicit_options_win(flat: Path) -> None:
     from lic_deploy.train.model_set import parse_args
 

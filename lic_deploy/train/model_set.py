@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from lic_deploy.cli import folder_arg
@@ -135,21 +136,24 @@ def main(argv: list[str] | None = None) -> None:
         done = last_row(log_path(eq_ckpt), "val_loss")
         return bool(done and done["val_loss"] <= goal["val_loss"])  # type: ignore[index]
 
-    if goal is not None and not eq_reached():
-        cfg = _config(args, runs, name, "soap", EQUAL_QUALITY_LAMBDA, args.steps)
-        cfg.val_every, cfg.ckpt_every, cfg.until_val_loss = args.eq_val_every, args.eq_val_every, goal["val_loss"]
-        train(cfg)
+    checkpoints = [runs / f"{run_name(o, lm, prefix=args.prefix)}.pt" for o in OPTIMIZERS for lm in LAMBDAS]
+    if goal is None:
+        print(f"warning: {run_name('adam', EQUAL_QUALITY_LAMBDA, prefix=args.prefix)} logged no validation loss (its "
+              f"budget ended before its first validation), so the set has no equal-quality model", file=sys.stderr)
+    else:
         if not eq_reached():
-            print(f"warning: {name} did not reach Adam's validation loss {goal['val_loss']:.4f} within "
-                  f"{args.steps} steps; it is published at equal steps instead")
+            cfg = _config(args, runs, name, "soap", EQUAL_QUALITY_LAMBDA, args.steps)
+            cfg.val_every, cfg.ckpt_every, cfg.until_val_loss = args.eq_val_every, args.eq_val_every, goal["val_loss"]
+            train(cfg)
+            if not eq_reached():
+                print(f"warning: {name} did not reach Adam's validation loss {goal['val_loss']:.4f} within "
+                      f"{args.steps} steps; it is published at equal steps instead")
+        checkpoints.append(eq_ckpt)
 
     from lic_deploy.train.cards import publish
 
-    for optimizer in OPTIMIZERS:
-        for lmbda in LAMBDAS:
-            publish(runs / f"{run_name(optimizer, lmbda, prefix=args.prefix)}.pt", Path(args.models), kodak=args.val)
-    publish(eq_ckpt, Path(args.models), kodak=args.val)
-
+    for checkpoint in checkpoints:
+        publish(checkpoint, Path(args.models), kodak=args.val)
 
 if __name__ == "__main__":
     main()
