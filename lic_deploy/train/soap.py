@@ -33,10 +33,22 @@ tensors and plain GEMMs. On a GPU, where a step is launch-bound, this cuts the o
 1171 to 519 (`make bench-train`'s host side); on 2 CPU cores it is a little faster than one parameter at a time
 (session 12, interleaved A/B: bf16 optimizer part 109.0 -> 99.6 ms, float32 150.9 -> 146.6).
 
-On the CPU the moments' update runs one shape at a time, in place, with the rotated gradients as scratch, so
-their m, v and rotated gradient stay in cache between the passes (session 11, per parameter: about 10 ms of a
-90-100 ms bf16 step less than the same operations over lists of every parameter); on a GPU as `torch._foreach_*`
-passes over every shape, the updates added in one more. The two give bit-identical updates.
+The moments' update runs one shape at a time, in place, with the rotated gradients as scratch, so their m, v and
+rotated gradient stay in cache between the passes (session 11, on the CPU, per parameter: about 10 ms of a 90-100
+ms bf16 step less than the same operations over lists of every parameter); an eager step on a GPU runs them as
+`torch._foreach_*` passes over every shape instead (fewer launches). The two give bit-identical updates.
+
+On CUDA the plain steps (all but the eigenbasis update) are one CUDA graph, captured after two eager warm-up steps
+on a side stream and replayed: a step then costs one launch instead of about 520 operators dispatched from Python.
+What the graph reads must stay at its addresses and hold no baked-in value: the gradients are copied into a
+buffer per shape first (so `zero_grad(set_to_none=True)` is fine), the step size and the weight-decay factor
+(bias correction, learning-rate schedules) come from a tensor, and the stacks are allocated once, the eigenbasis
+update (eager, every `precondition_frequency` steps: its QRs loop over matrices in cuSOLVER) writing into them.
+The graph is captured again when the live parameters or the constants it holds change, and after a load. Replayed
+and eager steps agree to float32 rounding and resume bit-exactly (the `gpu` tests, run on an H200). A whole step
+against Adam's on an H200 (session 13, batch 16, 256 px, means; docs/benchmarks.md): 1.18x and 1.28x with the
+graph and the moments in place (the default), 1.24-1.35x with the graph over foreach lists, 1.36x eager, 2.65-2.85x
+with pytorch-optimizer's SOAP. If a capture fails, the steps stay eager, with a warning.
 
 `bf16_matmul=True` runs those 4-D products (rotations, statistics, and rotating m into a new eigenbasis) as
 bfloat16 GEMMs with float32 accumulation, each product's output rounded to bfloat16; the moments, statistics and
@@ -149,7 +161,7 @@ def _rotated_grads(g: torch.Tensor, stack: Stack, weight: float) -> torch.Tensor
 class SOAP(torch.optim.Optimizer):
     """See the module docstring. `project` has pytorch-optimizer's signature (the alignment metrics use it)."""
 
-    in_place: bool | None = None  # the moments one shape at a time, in place (None: on the CPU), else foreach
+    in_place: bool | None = None  # the moments one shape at a time, in place (None: unless eager on CUDA), or foreach
     cuda_graph: bool | None = None  # plain steps as one replayed CUDA graph (None: on CUDA; the CPU runs them eagerly)
 
     def __init__(self, params: Iterable[Any], lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
@@ -345,8 +357,8 @@ class SOAP(torch.optim.Optimizer):
                 shapes.setdefault((p.shape, p.dtype), []).append(p)
             stacks = [(ps, self._stacked(ps, [self.state[p] for p in ps], dtype or ps[0].dtype))
                       for ps in shapes.values()]
-            in_place = self.in_place if self.in_place is not None else not live[0].is_cuda
             graphed = self.cuda_graph if self.cuda_graph is not None else live[0].is_cuda
+            in_place = self.in_place if self.in_place is not None else graphed or not live[0].is_cuda
             if not graphed:
                 grads = [torch.stack([p.grad for p in ps]) if len(ps) > 1 else ps[0].grad.unsqueeze(0)  # type: ignore
                          for ps, _ in stacks]
