@@ -271,7 +271,8 @@ def test_elic_trains_with_both_optimizers_and_exports(tiny_data: Path, tmp_path:
 
 @pytest.mark.parametrize(("dtype", "tol", "graphed"), [(torch.float32, (1e-5, 1e-6), False),
                                                       (torch.float64, (1e-6, 1e-8), False),
-                                                      (torch.float32, (1e-5, 1e-6), True)])
+                                                      (torch.float32, (1e-5, 1e-6), True),
+                                                      (torch.float64, (1e-6, 1e-8), True)])
 def test_lic_soap_equals_pytorch_optimizer_update_for_update(dtype: torch.dtype, tol: tuple[float, float],
                                                              graphed: bool) -> None:
     """lic-deploy's SOAP (first moment kept in the eigenbasis) against pytorch-optimizer's on the same gradients:

@@ -371,8 +371,8 @@ class SOAP(torch.optim.Optimizer):
                 buffers = [g for gs in grads for g in gs.unbind(0)]
                 torch._foreach_copy_(buffers, [p.grad for ps, _ in stacks for p in ps])  # type: ignore[misc]
                 scalars = self._scalars.get(index)
-                if scalars is None or scalars.device != live[0].device:
-                    scalars = self._scalars[index] = torch.zeros(2, device=live[0].device, dtype=torch.float32)
+                if scalars is None or (scalars.device, scalars.dtype) != (live[0].device, live[0].dtype):
+                    scalars = self._scalars[index] = live[0].new_zeros(2)
                 scalars[0].fill_(-size)
                 scalars[1].fill_(1.0 - group["lr"] * group["weight_decay"])
                 key = (tuple(id(p) for p in live), dtype, group["betas"], shampoo, group["eps"],
@@ -387,7 +387,8 @@ class SOAP(torch.optim.Optimizer):
                     in_place: bool, size: float | torch.Tensor) -> None:
         """Everything of a step but the eigenbasis update, from the stacked gradients: the statistics, the moments
         in the eigenbasis, the update rotated back and applied. `size` is the step size, or a float32 tensor
-        [-step size, weight-decay factor] (the step CUDA graphs replay: no value baked in)."""
+        [-step size, weight-decay factor] in the parameters' dtype (the step CUDA graphs replay: no value baked
+        in)."""
         beta1, beta2 = group["betas"]
         shampoo = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         dtype = torch.bfloat16 if group.get("bf16_matmul") else None
