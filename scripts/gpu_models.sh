@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 15's GPU checks in one call on a lent NVIDIA machine, prepared to fit about 10 minutes of an H200:
 #   1. scripts/gpu_train_check.sh: the `gpu` tests and `make bench-train` on CUDA at batch 16, 256 px;
-#   2. scripts/gpu_step_variants.py: SOAP with its QRs on the host and as a CUDA graph, against Adam;
+#   2. scripts/gpu_step_variants.py: SOAP with its CUDA graph (moments in place or foreach) and eager, against Adam,
+#      and a profile of its eigenbasis update;
 #   3. `make models-gpu`'s command (model_set --preset gpu) on the data packed by scripts/gpu_pack.py (.gpu-data:
 #      half the training photos at 320 px, the first 6 Kodak images), each run stopped after GPU_SECONDS (default
 #      180: the recipe's 420 does not fit one call with the rest).
