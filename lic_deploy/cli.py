@@ -36,7 +36,7 @@ def _export(args: argparse.Namespace) -> int:
     opts = ExportOptions(precisions=precisions, calib=args.calib, calib_count=args.calib_count,
                          calib_method=args.calib_method, calib_seed=args.calib_seed, calib_size=args.calib_size,
                          entropy_act_bits=args.entropy_bits, overwrite=args.force, fallback=args.fallback,
-                         fallback_target=args.fallback_target, lmbda=args.lmbda)
+                         fallback_target=args.fallback_target, lmbda=args.lmbda, footprint=not args.no_footprint)
     export_package(args.checkpoint, args.output, arch=args.arch, options=opts)
     return 0
 
@@ -205,7 +205,8 @@ def _codec(args: argparse.Namespace):
 
     package = Package.open(args.package)
     engine = create_engine(package, args.backend, args.precision, threads=args.threads, device=args.device)
-    return Codec(package, engine=engine, threads=args.threads, max_pixels=args.max_pixels, intnet=args.intnet)
+    return Codec(package, engine=engine, threads=args.threads, max_pixels=args.max_pixels, intnet=args.intnet,
+                 check_memory=not getattr(args, "no_memory_check", False))
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -232,6 +233,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_threads, help="CPU threads (default: the engine's own default)")
     p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="decode even when the package's memory footprint says the image needs more memory than "
+                   "is available (by default such a stream is refused with one line)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where --backend torch runs (default cpu); "
                    "--backend tensorrt uses GPU N of cuda:N, else GPU 0")
     p.add_argument("--intnet", metavar="numpy|ort|torch:DEVICE",
@@ -407,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing package (only once the new one is complete; a folder that is not a "
                    "codec package, or holds the current directory, is never replaced)")
+    p.add_argument("--no-footprint", action="store_true",
+                   help="skip measuring the decode memory per pixel (a 1024x1024 probe decode, a few seconds); "
+                   "decoders then refuse images by a generic estimate of 1600 bytes per pixel")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("calib", help="write a calibration manifest (which files, which crops)",

@@ -48,6 +48,7 @@ def main() -> None:
     from lic_deploy.export.package_writer import ExportOptions, export_package
     from lic_deploy.runtime.codec import Codec
     from lic_deploy.runtime.images import list_images, load_rgb, psnr, to_uint8
+    from lic_deploy.runtime.package import Package
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -71,8 +72,10 @@ def main() -> None:
                           resume=str(ckpt) if ckpt.is_file() else None))
     t0 = time.perf_counter()
     pkg = export_package(ckpt, out / "package", options=ExportOptions(
-        precisions=("fp32", "int8"), calib=train_dir if train_dir.is_dir() else None, overwrite=True))
-    print(f"export: {time.perf_counter() - t0:.1f} s\n")
+        precisions=("fp32", "int8"), calib=train_dir if train_dir.is_dir() else None, overwrite=True, footprint=True))
+    footprint = Package.open(pkg).manifest["footprint"]
+    print(f"export: {time.perf_counter() - t0:.1f} s; decoding needs about {footprint['bytes_per_pixel']} bytes of "
+          "memory per pixel (measured)\n")
     codecs = {p: Codec(pkg, "ort", p, threads=2) for p in ("fp32", "int8")}
     rows = []
     for path in tests:

@@ -26,6 +26,7 @@ from lic_deploy.export.onnx_export import (
     torch_run,
 )
 from lic_deploy.export.quantize import INT8_VARIANTS, activation_ranges, convert_fp16, quantize_int8
+from lic_deploy.runtime.memory import measure_footprint
 from lic_deploy.runtime.package import MANIFEST, SCHEMA, SCHEMA_VERSION, file_sha256, fingerprint
 
 STAGE_ORDER = ("g_a", "h_a", "h_s", "g_s")  # the stages every architecture has, exported in every precision
@@ -46,6 +47,7 @@ class ExportOptions:
     fallback: str = "none"  # "auto": keep INT8-sensitive layers in FP32 (lic_deploy.export.fallback)
     fallback_target: float = 1.0  # percent, rate-equivalent PTQ loss on the calibration crops
     lmbda: float | None = None  # the model's training lambda for the fallback loss (default: its metadata)
+    footprint: bool = False  # measure the decode memory per pixel (runtime/memory.py; `lic-deploy export` does)
 
 
 def _verification_images(spec: Any) -> list[np.ndarray]:
@@ -193,6 +195,10 @@ def export_package(checkpoint: str | os.PathLike, out: str | os.PathLike, *, arc
             **({"fallback": fallback} if fallback else {}),
         }
         manifest["fingerprint"] = fingerprint(manifest)
+        if opts.footprint:
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            log("measuring the decode memory footprint (a 1024x1024 probe decode)")
+            manifest["footprint"] = measure_footprint(tmp)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in [tmp, *tmp.iterdir()]:

@@ -21,6 +21,7 @@ from lic_deploy.entropy import evaluators
 from lic_deploy.entropy.bitstream import DEFAULT_MAX_PIXELS, MODE_GRAY, MODE_RGB, Header, pack, unpack
 from lic_deploy.entropy.model import EntropyModel, open_entropy_model
 from lic_deploy.errors import BitstreamError, DataError
+from lic_deploy.runtime import memory
 from lic_deploy.runtime.engines import Engine, create_engine
 from lic_deploy.runtime.images import load_rgb, to_uint8
 from lic_deploy.runtime.package import Package
@@ -40,15 +41,17 @@ class Codec:
 
     def __init__(self, package: str | os.PathLike | Package, backend: str = "ort", precision: str = "fp32", *,
                  threads: int | None = None, engine: Engine | None = None, device: str = "cpu",
-                 max_pixels: int = DEFAULT_MAX_PIXELS, intnet: str | None = None) -> None:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, intnet: str | None = None, check_memory: bool = True) -> None:
         """`intnet`: where the integer networks run (`entropy.evaluators`: "numpy", "ort", "torch:DEVICE"). None:
         on the engine's device when the engine is PyTorch on CUDA ("torch:cuda..."), else "numpy". Every choice
-        gives the same bits; BackendUnavailable when its device is not here."""
+        gives the same bits; BackendUnavailable when its device is not here. `check_memory`: refuse a stream
+        whose decoding needs more memory than is available (`runtime.memory`; CPU engines)."""
         self.package = package if isinstance(package, Package) else Package.open(package)
         self.engine = engine or create_engine(self.package, backend, precision, threads=threads, device=device)
         self.max_pixels = max_pixels
         engine_device = str(getattr(self.engine, "device", "cpu"))
         auto = f"torch:{engine_device}" if engine_device.startswith("cuda") else "numpy"
+        self.check_memory = check_memory and engine_device == "cpu" and self.engine.name != "tensorrt"
         self.intnet = evaluators.require(intnet or auto)
         self.threads = threads
         self.timings: dict[str, float] = {}
@@ -102,6 +105,8 @@ class Codec:
             max_pixels=self.max_pixels, n_streams=self.entropy.n_streams)
         t = self._tick("container", t)
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
+        if self.check_memory:
+            memory.check_decode(self.package.manifest.get("footprint"), hp, wp)
         z_stride = int(geometry["z_stride"])
         y_hat = self.entropy.decode(streams, (hp // z_stride, wp // z_stride))
         self._tick("entropy", t)

@@ -104,6 +104,10 @@ def check_manifest(manifest: dict[str, Any], mpath: Path) -> None:
     entry(manifest, "entropy", "entropy")
     if "torch_weights" in manifest:
         entry(manifest, "torch_weights", "torch_weights")
+    if "footprint" in manifest:  # decode memory (runtime/memory.py); outside the fingerprint: no stream needs it
+        footprint = obj(manifest, "footprint", "footprint")
+        need(footprint, "base_bytes", "footprint.base_bytes", _int_in(0), "a non-negative integer")
+        need(footprint, "bytes_per_pixel", "footprint.bytes_per_pixel", _int_in(1), "a positive integer")
     recorded = need(manifest, "fingerprint", "fingerprint",
                     lambda v: isinstance(v, str) and bool(FINGERPRINT_HEX.fullmatch(v)), "32 hex digits")
     actual = fingerprint(manifest)
