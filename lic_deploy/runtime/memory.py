@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -90,6 +89,8 @@ def peak_resident_bytes() -> int:
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
+    import resource  # (Unix only: imported here so that the codec imports on any system)
+
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
