@@ -373,6 +373,43 @@ def test_soap_state_stays_at_the_addresses_a_cuda_graph_captured() -> None:
         assert all(q.data_ptr() == stack[("Q", d)][0][i].data_ptr() for d, q in enumerate(state["Q"]))
 
 
+@pytest.mark.parametrize(("graphed", "bf16"), [(False, False), (True, False), (True, True)])
+def test_soap_steps_with_missing_gradients_equal_steps_from_fresh_stacks(graphed: bool, bf16: bool) -> None:
+    """The stacks are a cache of the per-parameter states. Steps in which some parameters have no gradient (one
+    at an eigenbasis update, others between) step a subset of a shape, whose stack shares the whole shape's
+    storage; the run equals one that rebuilds every stack before every step (no cached rotation left stale), a
+    step in which no parameter has a gradient changes nothing, and the graph-ready step (`graphed`, eagerly here)
+    agrees with the eager one to float32 rounding, with bf16 products too (their updates scaled in float32)."""
+    from lic_deploy.train.soap import SOAP
+
+    torch.manual_seed(0)
+    shapes = [(8, 6, 3, 3), (8, 6, 3, 3), (6, 6), (6, 6), (6,)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(24)]
+    missing = {5: {1}, 6: {1, 3}, 10: {0}, 13: {0, 1, 2, 3, 4}, 20: {2}}  # updates after steps 11 and 21
+
+    def run(fresh: bool, graph: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = SOAP(params, lr=1e-2, bf16_matmul=bf16)
+        opt.cuda_graph = graph
+        for i, gs in enumerate(grads):
+            for j, (p, g) in enumerate(zip(params, gs, strict=True)):
+                p.grad = None if j in missing.get(i, ()) else g.clone()
+            before = [p.detach().clone() for p in params]
+            if fresh:
+                opt._stacks.clear()
+            opt.step()
+            if i == 13:
+                assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+        return [p.detach().clone() for p in params]
+
+    cached = run(False, graphed)
+    assert all(torch.equal(a, b) for a, b in zip(cached, run(True, graphed), strict=True))
+    for a, b in zip(cached, run(False, not graphed), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a, w) for a, w in zip(cached, start, strict=True))
+
+
 def test_soap_state_from_before_the_4d_layout_resumes_to_the_same_updates() -> None:
     """A state saved before 4-D weights kept m and v as [k1, k2, a, b] (no `layout` key, m and v in the
     parameter's layout) loads into the current SOAP and continues exactly as an uninterrupted run."""

@@ -151,6 +151,11 @@ def _from_eigen(t: torch.Tensor, stack: Stack) -> torch.Tensor:
     return _rotate(t, [stack.get(("Q", i), (None,))[0] for i in range(t.dim() - 1)], back=True)
 
 
+def _versions(stack: Stack) -> tuple[int, ...]:
+    """The version counters of a 4-D group's Q stacks (shared by every view of their storage; bumped by writes)."""
+    return tuple(stack[("Q", i)][0]._version for i in range(4))
+
+
 def _rotated_grads(g: torch.Tensor, stack: Stack, weight: float) -> torch.Tensor:
     """A group's stacked gradients g [k, ...] in the eigenbasis, a new tensor (scratch for the moments), the factor
     statistics lerped by `weight` on the way."""
@@ -219,18 +224,21 @@ class SOAP(torch.optim.Optimizer):
                 else:
                     st[key][i] = view
             changed |= key == "Q"
-        if stack["layout"] and (changed or stack["rot"][0].dtype != dtype):
+        if stack["layout"] and (changed or stack["rot"][0].dtype != dtype or stack["q_versions"] != _versions(stack)):
             self._refresh_rotations(stack, dtype)
         return stack
 
     @staticmethod
     def _refresh_rotations(stack: Stack, dtype: torch.dtype) -> None:
-        """A 4-D weight group's rotation matrices from its Q stacks, into the buffers it has (if of `dtype`)."""
+        """A 4-D weight group's rotation matrices from its Q stacks, into the buffers it has (if of `dtype`), and
+        the Q stacks' versions they follow: a stack of some of a shape's parameters (a step in which the others
+        had no gradient) shares their storage, so its eigenbasis update changes this stack's Q too."""
         rot = _rotations([stack[("Q", i)][0] for i in range(4)], dtype)
         if "rot" in stack and stack["rot"][0].dtype == dtype:
             torch._foreach_copy_(stack["rot"], rot)
         else:
             stack["rot"] = rot
+        stack["q_versions"] = _versions(stack)
 
     def project(self, grad: torch.Tensor, state: dict[str, Any], merge_dims: bool = False,
                 max_precondition_dim: int = 10000, project_type: str = "forward") -> torch.Tensor:
@@ -334,6 +342,8 @@ class SOAP(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             shampoo = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
             live = [p for p in group["params"] if p.grad is not None]
+            if not live:  # no parameter of the group takes a step
+                continue
             for p in live:
                 state = self.state[p]
                 if not state:
@@ -370,9 +380,10 @@ class SOAP(torch.optim.Optimizer):
                 grads = [stack["grad"] for _, stack in stacks]
                 buffers = [g for gs in grads for g in gs.unbind(0)]
                 torch._foreach_copy_(buffers, [p.grad for ps, _ in stacks for p in ps])  # type: ignore[misc]
+                kind = torch.float64 if any(p.dtype == torch.float64 for p in live) else torch.float32
                 scalars = self._scalars.get(index)
-                if scalars is None or (scalars.device, scalars.dtype) != (live[0].device, live[0].dtype):
-                    scalars = self._scalars[index] = live[0].new_zeros(2)
+                if scalars is None or (scalars.device, scalars.dtype) != (live[0].device, kind):
+                    scalars = self._scalars[index] = torch.zeros(2, device=live[0].device, dtype=kind)
                 scalars[0].fill_(-size)
                 scalars[1].fill_(1.0 - group["lr"] * group["weight_decay"])
                 key = (tuple(id(p) for p in live), dtype, group["betas"], shampoo, group["eps"],
@@ -386,9 +397,9 @@ class SOAP(torch.optim.Optimizer):
     def _plain_step(group: dict[str, Any], stacks: list[tuple[list[torch.Tensor], Stack]], grads: list[torch.Tensor],
                     in_place: bool, size: float | torch.Tensor) -> None:
         """Everything of a step but the eigenbasis update, from the stacked gradients: the statistics, the moments
-        in the eigenbasis, the update rotated back and applied. `size` is the step size, or a float32 tensor
-        [-step size, weight-decay factor] in the parameters' dtype (the step CUDA graphs replay: no value baked
-        in)."""
+        in the eigenbasis, the update rotated back and applied. `size` is the step size, or a tensor [-step size,
+        weight-decay factor] (float32, float64 with float64 parameters: the step CUDA graphs replay, no value baked
+        in; bf16 products' updates are scaled in the parameters' dtype)."""
         beta1, beta2 = group["betas"]
         shampoo = group["shampoo_beta"] if group["shampoo_beta"] is not None else beta2
         dtype = torch.bfloat16 if group.get("bf16_matmul") else None
@@ -418,8 +429,8 @@ class SOAP(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
             return
-        torch._foreach_mul_(updates, size[0])
-        torch._foreach_add_(params, [u for us in updates for u in us.unbind(0)])
+        scaled = torch._foreach_mul([u.to(ps[0].dtype) for (ps, _), u in zip(stacks, updates, strict=True)], size[0])
+        torch._foreach_add_(params, [u for us in scaled for u in us.unbind(0)])
         if group["weight_decay"]:
             torch._foreach_mul_(params, size[1])
 
