@@ -100,7 +100,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from lic_deploy.errors import BitstreamError
+    from lic_deploy.errors import BitstreamError, DataError
     from lic_deploy.runtime.images import expand_inputs, save_image
 
     files = expand_inputs(args.streams, (".lic",))
@@ -110,8 +110,8 @@ def _decode(args: argparse.Namespace) -> int:
     for path, target in _progress(list(zip(files, targets, strict=True)), "decode"):
         try:
             decoded = codec.decode(path.read_bytes())
-        except BitstreamError as exc:
-            raise BitstreamError(f"{path}: {exc}") from None
+        except (BitstreamError, DataError) as exc:
+            raise type(exc)(f"{path}: {exc}") from None
         img = decoded.image
         save_image(target, img if img.ndim == 3 else img[..., None].repeat(3, axis=2), grey=img.ndim == 2)
         print(f"{path.name} -> {target} ({img.shape[1]}x{img.shape[0]})")
@@ -233,9 +233,6 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_threads, help="CPU threads (default: the engine's own default)")
     p.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS,
                    help=f"refuse images larger than this many pixels (default {DEFAULT_MAX_PIXELS})")
-    p.add_argument("--no-memory-check", action="store_true",
-                   help="decode even when the package's memory footprint says the image needs more memory than "
-                   "is available (by default such a stream is refused with one line)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where --backend torch runs (default cpu); "
                    "--backend tensorrt uses GPU N of cuda:N, else GPU 0")
     p.add_argument("--intnet", metavar="numpy|ort|torch:DEVICE",
@@ -596,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("png", "bmp", "tif", "ppm"), default="png", help="image format (png)")
     p.add_argument("--force", action="store_true",
                    help="replace images that exist in the output folder (without it, never a source photo)")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="decode even when the package's memory footprint says the image needs more memory than "
+                   "is available (by default such a stream is refused with one line)")
     p.set_defaults(func=_decode)
     return parser
 

@@ -26,7 +26,7 @@ def _fake_root(tmp_path: Path, meminfo_kb: int | None, cgroup: dict[str, str]) -
     return tmp_path
 
 
-def test_available_memory_is_the_least_of_meminfo_and_the_cgroup(tmp_path: Path) -> None:
+def test_available_memory_is_the_least_of_meminfo_and_the_cgroups(tmp_path: Path) -> None:
     gib = 2**30
     assert memory.available_bytes(_fake_root(tmp_path / "a", 8 * 2**20, {})) == 8 * gib
     v2 = {"memory.max": str(4 * gib), "memory.current": str(gib)}
@@ -37,44 +37,68 @@ def test_available_memory_is_the_least_of_meminfo_and_the_cgroup(tmp_path: Path)
     assert memory.available_bytes(_fake_root(tmp_path / "d", None, no_limit)) is None
     over = {"memory.max": "100", "memory.current": "200"}
     assert memory.available_bytes(_fake_root(tmp_path / "e", None, over)) == 0
+    # the file cache the kernel would reclaim counts as free; a nested cgroup's ancestors limit it too
+    nested = {"a/b/memory.max": str(4 * gib), "a/b/memory.current": str(3 * gib),
+              "a/b/memory.stat": f"anon 5\ninactive_file {gib}\nactive_file 7", "a/memory.max": str(6 * gib),
+              "a/memory.current": str(5 * gib + gib // 2)}
+    root = _fake_root(tmp_path / "f", 8 * 2**20, nested)
+    (root / "proc/self").mkdir()
+    (root / "proc/self/cgroup").write_text("0::/a/b\n")
+    assert memory.available_bytes(root) == gib // 2  # a: 6 - 5.5 GiB; a/b: 4 - (3 - 1) GiB
+    v1 = {"memory/x/memory.limit_in_bytes": str(2 * gib), "memory/x/memory.usage_in_bytes": str(gib),
+          "memory/x/memory.stat": f"cache 9\ntotal_inactive_file {gib // 4}"}
+    root = _fake_root(tmp_path / "g", 8 * 2**20, v1)
+    (root / "proc/self").mkdir()
+    (root / "proc/self/cgroup").write_text("5:cpu:/y\n4:memory:/x\n0::/\n")
+    assert memory.available_bytes(root) == gib + gib // 4
     here = memory.available_bytes()
     assert here is None or here > 0
 
 
 def test_check_decode_refuses_what_does_not_fit() -> None:
     fp = {"base_bytes": 100, "bytes_per_pixel": 1000}
-    memory.check_decode(fp, 100, 100, available=100 + 1000 * 100 * 100)  # exactly fits
+    fits = 100 + 1000 * 100 * 100
+    memory.check_decode(fp, 100 * 100, "a 100x100 image", available=fits)  # exactly fits
     with pytest.raises(DataError, match=r"decoding a 100x101 image needs about 0.0 GiB \(this package's measured"):
-        memory.check_decode(fp, 101, 100, available=100 + 1000 * 100 * 100)
+        memory.check_decode(fp, 100 * 101, "a 100x101 image", available=fits)
+    memory.check_decode(fp, 100 * 101, "a 100x101 image", available=fits, held=1000 * 100)  # reused memory
     with pytest.raises(DataError, match="packages without a footprint"):
-        memory.check_decode(None, 8192, 8192, available=2**30)
+        memory.check_decode(None, 8192 * 8192, "a 8192x8192 image", available=2**30)
     assert memory.decode_bytes(None, 10) == 10 * memory.DEFAULT_FOOTPRINT["bytes_per_pixel"]
 
 
 def test_a_stream_too_large_for_the_memory_is_refused_in_one_line(
         package_mbt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """A short stream of a large image is refused before it is decoded when its estimate exceeds the available
-    memory (here made small); --no-memory-check (check_memory=False) decodes it anyway."""
+    """A short stream of a large image is refused before it is decoded when its estimate (padded pixels: 250x300
+    pads to 256x320) exceeds the available memory (here made small); --no-memory-check (check_memory=False)
+    decodes it anyway; memory that earlier decodes of the same codec keep (and the next one reuses) counts."""
     from lic_deploy.runtime.codec import Codec
+    from lic_deploy.runtime.package import Package
 
     codec = Codec(package_mbt, threads=1)
-    image = np.full((3, 256, 320), 0.5, dtype=np.float32)
-    data = codec.encode_array(image)[0]
+    data = codec.encode_array(np.full((3, 250, 300), 0.5, dtype=np.float32))[0]
     stream = tmp_path / "flat.lic"
     stream.write_bytes(data)
-    need = memory.decode_bytes(None, 256 * 320)
+    need = memory.decode_bytes(Package.open(package_mbt).manifest.get("footprint"), 256 * 320)
     monkeypatch.setattr(memory, "available_bytes", lambda: need - 1)
-    with pytest.raises(DataError, match="needs about"):
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 10**8)  # nothing held beyond the first decode's start
+    with pytest.raises(DataError, match="decoding a 300x250 image needs about"):
         codec.decode(data)
     out = tmp_path / "dec"
     assert main(["decode", str(package_mbt), str(stream), "-o", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "decoding a 320x256 image needs about" in err[0]
+    assert len(err) == 1 and f"{stream}: decoding a 300x250 image needs about" in err[0]
     assert not out.exists() or not any(out.iterdir())  # nothing written
     assert main(["decode", str(package_mbt), str(stream), "-o", str(out), "--no-memory-check"]) == 0
-    assert Codec(package_mbt, threads=1, check_memory=False).decode(data).image.shape == (256, 320, 3)
+    assert Codec(package_mbt, threads=1, check_memory=False).decode(data).image.shape == (250, 300, 3)
     monkeypatch.setattr(memory, "available_bytes", lambda: need)
-    assert codec.decode(data).image.shape == (256, 320, 3)
+    second = Codec(package_mbt, threads=1)
+    assert second.decode(data).image.shape == (250, 300, 3)
+    monkeypatch.setattr(memory, "available_bytes", lambda: need // 2)  # the first decode's memory is kept ...
+    monkeypatch.setattr(memory, "resident_bytes", lambda: 10**8 + need // 2)  # ... and reused by the next
+    assert second.decode(data).image.shape == (250, 300, 3)
+    with pytest.raises(DataError, match="needs about"):
+        Codec(package_mbt, threads=1).decode(data)  # a fresh codec holds nothing
 
 
 def test_probe_reports_its_own_peak_not_the_parents(package_mbt: Path, tmp_path: Path) -> None:
@@ -84,9 +108,9 @@ def test_probe_reports_its_own_peak_not_the_parents(package_mbt: Path, tmp_path:
 
     stream = tmp_path / "small.lic"
     stream.write_bytes(Codec(package_mbt, threads=1).encode_array(np.full((3, 64, 64), 0.5, np.float32))[0])
-    ballast = np.ones(3 * 2**30 // 8)  # 3 GiB resident in the parent
+    ballast = np.ones(2**30 // 8)  # 1 GiB resident in the parent
     peak = memory._probe(package_mbt, stream)
-    assert 20 * 2**20 < peak < 2 * 2**30 and float(ballast[-1]) == 1.0
+    assert 20 * 2**20 < peak < 2**30 and float(ballast[-1]) == 1.0
     with pytest.raises(PackageError, match="--no-footprint"):  # a probe that fails says how to export without it
         memory._probe(tmp_path / "no-package", stream)
 

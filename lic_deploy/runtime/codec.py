@@ -52,6 +52,7 @@ class Codec:
         engine_device = str(getattr(self.engine, "device", "cpu"))
         auto = f"torch:{engine_device}" if engine_device.startswith("cuda") else "numpy"
         self.check_memory = check_memory and engine_device == "cpu" and self.engine.name != "tensorrt"
+        self._resident: int | None = None  # resident bytes at the first decode: what later ones hold beyond it
         self.intnet = evaluators.require(intnet or auto)
         self.threads = threads
         self.timings: dict[str, float] = {}
@@ -106,7 +107,11 @@ class Codec:
         t = self._tick("container", t)
         hp, wp = header.height + header.pad_bottom, header.width + header.pad_right
         if self.check_memory:
-            memory.check_decode(self.package.manifest.get("footprint"), hp, wp)
+            if self._resident is None:
+                self._resident = memory.resident_bytes()
+            held = max(memory.resident_bytes() - self._resident, 0)  # kept by earlier decodes (ORT's arenas), reused
+            memory.check_decode(self.package.manifest.get("footprint"), hp * wp,
+                                f"a {header.width}x{header.height} image", held=held)
         z_stride = int(geometry["z_stride"])
         y_hat = self.entropy.decode(streams, (hp // z_stride, wp // z_stride))
         self._tick("entropy", t)

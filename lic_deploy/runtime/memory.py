@@ -42,9 +42,44 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _stat(path: Path, key: str) -> int:
+    """A counter of a cgroup's memory.stat (0 where absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroups(root: Path) -> list[tuple[Path, tuple[str, str, str, str]]]:
+    """This process's memory cgroup folders and their ancestors, each with its file names (limit, usage, stat,
+    the stat's reclaimable file cache): cgroup v2's unified tree and v1's memory controller, from
+    /proc/self/cgroup; the mount roots where that cannot be read (a container's own namespace starts there)."""
+    v2 = ("memory.max", "memory.current", "memory.stat", "inactive_file")
+    v1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "memory.stat", "total_inactive_file")
+    bases = {"v2": (root / "sys/fs/cgroup", v2), "v1": (root / "sys/fs/cgroup/memory", v1)}
+    found = []
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        hierarchy, controllers, path = [*line.split(":", 2), "", ""][:3]
+        kind = "v2" if hierarchy == "0" and not controllers else "v1" if "memory" in controllers.split(",") else None
+        if kind is not None:
+            base, names = bases[kind]
+            parts = Path(path.strip().lstrip("/")).parts
+            found += [(base.joinpath(*parts[:k]), names) for k in range(len(parts), -1, -1)]
+    return found or [bases["v2"], bases["v1"]]
+
+
 def available_bytes(root: Path = Path("/")) -> int | None:
-    """Memory this process can still take, in bytes: the least of the kernel's MemAvailable and what the cgroup
-    (v2 or v1) leaves under its limit; None where none of them can be read. (`root`: where /proc and /sys are.)"""
+    """Memory this process can still take, in bytes: the least of the kernel's MemAvailable and what each memory
+    cgroup above it (v2 or v1) leaves under its limit, its reclaimable file cache counted as free (as container
+    runtimes count it); None where none of them can be read. (`root`: where /proc and /sys are.)"""
     found = []
     try:
         for line in (root / "proc/meminfo").read_text().splitlines():
@@ -52,30 +87,43 @@ def available_bytes(root: Path = Path("/")) -> int | None:
                 found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    cgroup = root / "sys/fs/cgroup"
-    for limit, used in (("memory.max", "memory.current"),  # cgroup v2, then v1
-                        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        cap, now = _read_int(cgroup / limit), _read_int(cgroup / used)
-        if cap is not None and now is not None and cap < 1 << 60:  # "max" or a page-rounded 2^63: no limit
-            found.append(max(cap - now, 0))
+    for folder, (limit, usage, stat, cache) in _cgroups(root):
+        cap, used = _read_int(folder / limit), _read_int(folder / usage)
+        if cap is not None and used is not None and cap < 1 << 60:  # "max" or a page-rounded 2^63: no limit
+            found.append(max(cap - max(used - _stat(folder / stat, cache), 0), 0))
     return min(found) if found else None
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux's VmRSS; 0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def decode_bytes(footprint: dict[str, Any] | None, pixels: int) -> int:
-    """Estimated peak bytes of decoding `pixels` (padded height x width) with a package of this footprint."""
+    """Estimated peak bytes of a process decoding `pixels` (padded height x width) with a package of this
+    footprint, the interpreter and libraries included."""
     fp = footprint or DEFAULT_FOOTPRINT
     return int(fp["base_bytes"]) + int(fp["bytes_per_pixel"]) * pixels
 
 
-def check_decode(footprint: dict[str, Any] | None, height: int, width: int, available: int | None = None) -> None:
-    """DataError when decoding a padded `height` x `width` image needs more memory than is available (None: ask
-    the system; no check where it cannot say)."""
+def check_decode(footprint: dict[str, Any] | None, pixels: int, image: str, *, held: int = 0,
+                 available: int | None = None) -> None:
+    """DataError when decoding `pixels` (padded) of `image` (its description, for the message) needs more memory
+    than is available (None: ask the system; no check where it cannot say). `held`: memory this process already
+    holds that the decode reuses (ONNX Runtime's arena keeps what the last decode took; disabling it made decodes
+    1.55x slower), so a second stream in a tight container is not refused for the first one's memory."""
     available = available_bytes() if available is None else available
-    need = decode_bytes(footprint, height * width)
-    if available is not None and need > available:
+    need = decode_bytes(footprint, pixels)
+    if available is not None and need - held > available:
         source = "this package's measured footprint" if footprint else "an estimate for packages without a footprint"
-        raise DataError(f"decoding a {width}x{height} image needs about {need / 2**30:.1f} GiB ({source}), more "
-                        f"than the {available / 2**30:.1f} GiB of memory available: decode it where there is more "
+        raise DataError(f"decoding {image} needs about {need / 2**30:.1f} GiB ({source}), more than the "
+                        f"{(available + held) / 2**30:.1f} GiB of memory available: decode it where there is more "
                         "memory, or lower the pixel cap (--max-pixels) to refuse such streams sooner")
 
 
