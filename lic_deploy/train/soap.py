@@ -373,22 +373,8 @@ class SOAP(torch.optim.Optimizer):
                 grads = [torch.stack([p.grad for p in ps]) if len(ps) > 1 else ps[0].grad.unsqueeze(0)  # type: ignore
                          for ps, _ in stacks]
                 self._plain_step(group, stacks, grads, in_place, size)
-            else:  # inputs at fixed addresses: gradients copied into buffers, the step size in a tensor
-                for ps, stack in stacks:
-                    if "grad" not in stack:
-                        stack["grad"] = ps[0].new_empty((len(ps), *ps[0].shape))
-                grads = [stack["grad"] for _, stack in stacks]
-                buffers = [g for gs in grads for g in gs.unbind(0)]
-                torch._foreach_copy_(buffers, [p.grad for ps, _ in stacks for p in ps])  # type: ignore[misc]
-                kind = torch.float64 if any(p.dtype == torch.float64 for p in live) else torch.float32
-                scalars = self._scalars.get(index)
-                if scalars is None or (scalars.device, scalars.dtype) != (live[0].device, kind):
-                    scalars = self._scalars[index] = torch.zeros(2, device=live[0].device, dtype=kind)
-                scalars[0].fill_(-size)
-                scalars[1].fill_(1.0 - group["lr"] * group["weight_decay"])
-                key = (tuple(id(p) for p in live), dtype, group["betas"], shampoo, group["eps"],
-                       bool(group["weight_decay"]), in_place)
-                self._replay(index, key, partial(self._plain_step, group, stacks, grads, in_place, scalars))
+            else:
+                self._graph_ready_step(index, group, stacks, in_place, size)
             if t % group["precondition_frequency"] == 0:
                 self._new_eigenbases([stack for _, stack in stacks], dtype)
         return loss
@@ -433,6 +419,26 @@ class SOAP(torch.optim.Optimizer):
         torch._foreach_add_(params, [u for us in scaled for u in us.unbind(0)])
         if group["weight_decay"]:
             torch._foreach_mul_(params, size[1])
+
+    def _graph_ready_step(self, index: int, group: dict[str, Any], stacks: list[tuple[list[torch.Tensor], Stack]],
+                          in_place: bool, size: float) -> None:
+        """Param group `index`'s plain step with its inputs at fixed addresses (the gradients copied into a buffer
+        per shape, the step size and weight-decay factor into a tensor), replayed as a CUDA graph (`_replay`)."""
+        live = [p for ps, _ in stacks for p in ps]
+        for ps, stack in stacks:
+            if "grad" not in stack:
+                stack["grad"] = ps[0].new_empty((len(ps), *ps[0].shape))
+        grads = [stack["grad"] for _, stack in stacks]
+        torch._foreach_copy_([g for gs in grads for g in gs.unbind(0)], [p.grad for p in live])  # type: ignore[misc]
+        kind = torch.float64 if any(p.dtype == torch.float64 for p in live) else torch.float32
+        scalars = self._scalars.get(index)
+        if scalars is None or (scalars.device, scalars.dtype) != (live[0].device, kind):
+            scalars = self._scalars[index] = torch.zeros(2, device=live[0].device, dtype=kind)
+        scalars[0].fill_(-size)
+        scalars[1].fill_(1.0 - group["lr"] * group["weight_decay"])
+        key = (tuple(id(p) for p in live), group.get("bf16_matmul"), group["betas"], group["shampoo_beta"],
+               group["eps"], bool(group["weight_decay"]), in_place)
+        self._replay(index, key, partial(self._plain_step, group, stacks, grads, in_place, scalars))
 
     def _replay(self, index: int, key: tuple[Any, ...], step: Any) -> None:
         """Run `step` (param group `index`'s plain step) as a CUDA graph: two eager steps on a side stream first (as
