@@ -140,6 +140,24 @@ def test_device_and_argument_errors(flat: Path, tmp_path: Path, capsys: pytest.C
     assert main(_args(flat, tmp_path / "cpu.pt", "--steps", "2", "--device", "cpu")) == 0
 
 
+@pytest.mark.parametrize("flag", [(), ("--no-cuda-graph",)])
+def test_no_cuda_graph_reaches_soap(flat: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    flag: tuple[str, ...]) -> None:
+    """`train --no-cuda-graph` turns SOAP's CUDA graph off (its default, None, means on for CUDA)."""
+    from lic_deploy.train import optim
+
+    built = []
+
+    def build(*args: object, **kwargs: object) -> object:
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    real = optim.build_optimizer
+    monkeypatch.setattr(optim, "build_optimizer", build)
+    assert main(_args(flat, tmp_path / "g.pt", "--steps", "2", *flag)) == 0
+    assert built[0][0].cuda_graph is (False if flag else None)
+
+
 def test_bf16_autocast_keeps_likelihoods_and_loss_float32(flat: Path, tmp_path: Path) -> None:
     from lic_deploy.archs.checkpoint import read_checkpoint
     from lic_deploy.archs.registry import get_adapter

@@ -78,6 +78,7 @@ class TrainConfig:
     small: str = "skip"  # images smaller than the crop (stream mode): skip | upscale
     soap_impl: str = "lic-deploy"  # or "pytorch-optimizer" (the same updates); a resume keeps the run's own
     soap_bf16: bool = False  # lic-deploy's SOAP with bfloat16 products for conv weights; a resume keeps the run's own
+    cuda_graph: bool = True  # lic-deploy's SOAP on CUDA replays its plain steps as a CUDA graph (False: eager)
 
     def arch_config(self) -> dict[str, int]:
         """The architecture config the model is built from and saved with."""
@@ -314,6 +315,8 @@ def _train(cfg: TrainConfig, world: Any, progress: bool) -> Path:
         opt, hparams = build_optimizer(cfg.optimizer, params, cfg.lr, impl, bf16)
     except ValueError as exc:
         raise LicError(str(exc)) from None
+    if not cfg.cuda_graph and hasattr(opt, "cuda_graph"):
+        opt.cuda_graph = False
     if bf16 and world.device == "cpu" and cpu_has_bf16() is False:
         warnings.warn("this CPU has no AVX512-BF16 or AMX: SOAP's bfloat16 products are emulated and slower than "
                       "float32 ones", stacklevel=2)
