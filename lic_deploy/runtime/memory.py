@@ -42,6 +42,18 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def _kb_field(path: Path, key: str) -> int | None:
+    """Bytes of a `key:  N kB` line of a /proc file (meminfo, status); None where the file or line is missing."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == key:
+                return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _stat(path: Path, key: str) -> int:
     """A counter of a cgroup's memory.stat (0 where absent)."""
     try:
@@ -80,13 +92,7 @@ def available_bytes(root: Path = Path("/")) -> int | None:
     """Memory this process can still take, in bytes: the least of the kernel's MemAvailable and what each memory
     cgroup above it (v2 or v1) leaves under its limit, its reclaimable file cache counted as free (as container
     runtimes count it); None where none of them can be read. (`root`: where /proc and /sys are.)"""
-    found = []
-    try:
-        for line in (root / "proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
+    found = [] if (free := _kb_field(root / "proc/meminfo", "MemAvailable")) is None else [free]
     for folder, (limit, usage, stat, cache) in _cgroups(root):
         cap, used = _read_int(folder / limit), _read_int(folder / usage)
         if cap is not None and used is not None and cap < 1 << 60:  # "max" or a page-rounded 2^63: no limit
@@ -96,13 +102,7 @@ def available_bytes(root: Path = Path("/")) -> int | None:
 
 def resident_bytes() -> int:
     """This process's resident memory now (Linux's VmRSS; 0 where it cannot be read)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return _kb_field(Path("/proc/self/status"), "VmRSS") or 0
 
 
 def decode_bytes(footprint: dict[str, Any] | None, pixels: int) -> int:
@@ -131,12 +131,9 @@ def peak_resident_bytes() -> int:
     """This process's peak resident memory: Linux's VmHWM, which starts afresh at exec (ru_maxrss keeps the
     forking parent's size across it, so a probe started from a large process would report that process), else
     ru_maxrss."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _kb_field(Path("/proc/self/status"), "VmHWM")
+    if peak is not None:
+        return peak
     import resource  # (Unix only: imported here so that the codec imports on any system)
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, kilobytes elsewhere
