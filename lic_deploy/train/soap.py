@@ -204,7 +204,6 @@ class SOAP(torch.optim.Optimizer):
         factors = [i for i, f in enumerate(states[0]["GG"]) if f is not None]
         slots: list[tuple[str, int | None]] = [("exp_avg", None), ("exp_avg_sq", None)]
         slots += [(key, i) for key in ("GG", "Q") for i in factors]
-        changed = "factors" not in stack
         stack["factors"] = factors
         for key, i in slots:
             current = [st[key] if i is None else st[key][i] for st in states]
@@ -223,8 +222,9 @@ class SOAP(torch.optim.Optimizer):
                     st[key] = view
                 else:
                     st[key][i] = view
-            changed |= key == "Q"
-        if stack["layout"] and (changed or stack["rot"][0].dtype != dtype or stack["q_versions"] != _versions(stack)):
+        # the rotations follow Q: new stacks, Q copied in above, or written through another stack sharing it
+        if stack["layout"] and ("rot" not in stack or stack["rot"][0].dtype != dtype
+                                or stack["q_versions"] != _versions(stack)):
             self._refresh_rotations(stack, dtype)
         return stack
 
